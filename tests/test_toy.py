@@ -1,0 +1,249 @@
+"""vadd_toy.py end to end on tiny configs, and common.py's T-step bounds against exact likelihoods: with two
+positions every unmasking path of a T-step sampler can be enumerated."""
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import vadd_toy as toy
+
+
+def tiny_args(tmp_path, *extra):
+    return ["--max-iters", "30", "--batch-size", "64", "--width", "32", "--depth", "1", "--bins", "16",
+            "--num-samples", "400", "--num-eval", "200", "--iw-samples", "4", "--ref-points", "50000",
+            "--steps", "1,2", "--log-interval", "10", "--ckpt-interval", "10",
+            "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def trained(tmp_path, method, iters=300, bins=8):
+    """A briefly trained model on checkerboard with a small vocabulary, through the script's own train()."""
+    cfg = toy.parse_config(tiny_args(tmp_path, "--bins", str(bins), "--width", "64", "--max-iters", str(iters),
+                                     "--batch-size", "256", "--log-interval", "1000", "--ckpt-interval", "1000"))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    model, _ = toy.train(cfg, method, common.Schedule(cfg.schedule))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exact likelihoods of the T-step samplers on two positions
+
+def exact_nll(model, x0, T, schedule, z=None, fresh_z=False):
+    """-log p_T(x0) of the T-step sampler, summed over every unmasking path: states are the sets of revealed
+    positions (bit j = position j), revealed tokens must equal x0's. z: (Z, d) prior draws, averaged at the
+    end (one z for all steps, VADD-CS) or at every step (fresh_z, the vanilla sampler); None for MDM."""
+    bins, B = model.denoiser.bins, len(x0)
+    Z = 1 if z is None else len(z)
+    x0_rep = x0.repeat_interleave(Z, 0)
+    z_rep = None if z is None else z.repeat(B, 1)
+    prob = {0: torch.ones(B, Z, dtype=torch.float64)}
+    for i in range(T, 0, -1):
+        alpha_t, alpha_s = schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64))
+        p = common.unmask_probability(alpha_t, alpha_s)
+        new = {}
+        for state, pr in prob.items():
+            masked = [j for j in (0, 1) if not state >> j & 1]
+            xt = x0_rep.clone()
+            xt[:, masked] = bins
+            with torch.no_grad():
+                mu = torch.softmax(model.denoiser(xt, z_rep).double(), -1)
+            mu = mu.gather(-1, x0_rep.unsqueeze(-1)).squeeze(-1).view(B, Z, 2)
+            for k in range(len(masked) + 1):
+                for revealed in itertools.combinations(masked, k):
+                    f = torch.ones(B, Z, dtype=torch.float64)
+                    for j in masked:
+                        f = f * (p * mu[:, :, j] if j in revealed else 1 - p)
+                    if fresh_z:
+                        f = f.mean(1, keepdim=True)
+                    target = state | sum(1 << j for j in revealed)
+                    new[target] = new.get(target, 0) + pr * f
+        prob = new
+    p_x0 = prob[3].mean(1)
+    return -torch.log(p_x0), prob[3]
+
+
+def bound_stats(x0, n, **kw):
+    """Mean and standard error of common.step_bound per point, over n repeats of each point. The batch holds
+    the points in turn (not each point's repeats in a row), so that every point meets every stratum of the
+    step and time draws, which are stratified over the batch."""
+    b = common.step_bound(x0.repeat(n, 1), **kw).view(n, len(x0)).double()
+    return b.mean(0), b.std(0) / math.sqrt(n)
+
+
+POINTS = torch.tensor([[1, 2], [2, 1], [6, 5], [0, 0], [7, 6], [3, 3]])
+
+
+def test_mdm_bound_is_exact_at_one_step_and_above_the_exact_nll_beyond(tmp_path):
+    torch.manual_seed(0)
+    model, schedule = trained(tmp_path, "mdm"), common.Schedule("linear")
+    kw = dict(denoise=model.denoise, schedule=schedule, mask_id=8, sampler="mdm")
+    exact1, _ = exact_nll(model, POINTS, 1, schedule)
+    bound1 = common.step_bound(POINTS, T=1, exact=True, **kw)
+    assert torch.allclose(bound1.double(), exact1, atol=1e-4)
+    for T in (2, 3, 5):
+        exact, _ = exact_nll(model, POINTS, T, schedule)
+        mean, se = bound_stats(POINTS, 4000, T=T, exact=True, **kw)
+        assert torch.all(mean >= exact - 4 * se), (T, mean, exact, se)
+        one_step, se1 = bound_stats(POINTS, 4000, T=T, exact=False, **kw)  # unbiased for the summed bound
+        assert torch.all((one_step - mean).abs() <= 4 * torch.sqrt(se ** 2 + se1 ** 2)), (T, one_step, mean)
+
+
+def test_vadd_bounds_are_above_the_exact_nll(tmp_path):
+    torch.manual_seed(1)
+    model, schedule = trained(tmp_path, "vadd", iters=400), common.Schedule("linear")
+    z = torch.randn(20_000, model.latent_dim)
+    kw = dict(denoise=model.denoise, schedule=schedule, mask_id=8, recognize=model.recognition)
+    for sampler, T in [("vadd_cs", 1), ("vadd_cs", 3), ("vadd", 1), ("vadd", 3)]:
+        nll, per_z = exact_nll(model, POINTS, T, schedule, z, fresh_z=sampler == "vadd")
+        nll_se = per_z.std(1) / (per_z.mean(1) * math.sqrt(per_z.shape[1]))  # delta method, prior draws
+        mean, se = bound_stats(POINTS, 4000, T=T, sampler=sampler, exact=True, **kw)
+        assert torch.all(mean >= nll - 4 * (se + nll_se)), (sampler, T, mean, nll)
+    # one step: vanilla and consistency are the same sampler, and their bounds the same VAE bound
+    cs, se_cs = bound_stats(POINTS, 4000, T=1, sampler="vadd_cs", exact=True, **kw)
+    va, se_va = bound_stats(POINTS, 4000, T=1, sampler="vadd", exact=True, **kw)
+    assert torch.all((cs - va).abs() <= 4 * torch.sqrt(se_cs ** 2 + se_va ** 2))
+
+
+def test_uniform_denoiser_gives_nelbo_two_log_v(tmp_path):
+    torch.manual_seed(2)
+    cfg = toy.parse_config(tiny_args(tmp_path))
+    model = toy.Model(cfg, "mdm")
+    torch.nn.init.zeros_(model.denoiser.out[-1].weight)
+    torch.nn.init.zeros_(model.denoiser.out[-1].bias)
+    x0 = torch.randint(0, cfg.bins, (1 << 16, 2))
+    loss, _ = toy.delbo(model, x0, common.Schedule("linear"), 0.0)
+    se = loss.std().item() / math.sqrt(len(loss))
+    assert abs(loss.mean().item() - 2 * math.log(cfg.bins)) < 4 * se
+
+
+def test_consistency_sampler_keeps_z_and_vanilla_draws_a_new_one(tmp_path):
+    """The spy sees the z of every point the denoiser is run on. VADD-CS: every z is one of the first call's
+    (which covers all points); vanilla: every call brings z never seen before."""
+    torch.manual_seed(3)
+    cfg = toy.parse_config(tiny_args(tmp_path))
+    model = toy.Model(cfg, "vadd").eval()
+    seen, forward = [], model.denoiser.forward
+    model.denoiser.forward = lambda xt, z=None: (seen.append(z.clone()), forward(xt, z))[1]
+    for sampler in ("vadd_cs", "vadd"):
+        seen.clear()
+        tokens, nfe = toy.sample(model, 300, 6, sampler, common.Schedule("linear"))
+        assert tokens.shape == (300, 2) and tokens.min() >= 0 and tokens.max() < cfg.bins
+        assert len(seen) > 1 and len(seen[0]) == 300 and nfe == sum(len(z) for z in seen) / 300
+        for i, z in enumerate(seen[1:], 1):
+            earlier = (z[:, None, :] == torch.cat(seen[:i])[None]).all(-1).any(1)  # each row seen before?
+            assert torch.all(earlier) if sampler == "vadd_cs" else not torch.any(earlier)
+
+
+def test_sampler_with_as_many_steps_as_positions_reveals_one_per_step():
+    """REFERENCE.md section 6: T = L reveals about one position per step, and no [M] is left at the end."""
+    torch.manual_seed(4)
+    L, V, n, T = 16, 5, 4000, 16
+    schedule = common.Schedule("linear")
+    xt, revealed = torch.full((n, L), V), []
+    for i in range(T, 0, -1):
+        alpha = schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64))
+        xs = common.reverse_step(xt, torch.randn(n, L, V), alpha[0], alpha[1], V)
+        revealed.append(((xt == V) & (xs != V)).sum(1).double().mean().item())
+        xt = xs
+    assert not (xt == V).any()
+    assert np.allclose(revealed, 1.0, atol=0.1), revealed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end through main()
+
+def test_main_writes_every_output(tmp_path, capsys):
+    metrics = toy.main(tiny_args(tmp_path))
+    out = tmp_path / "out"
+    names = ["data.npy", "metrics.json", "samples.png", "js.png", "training.png", "ckpt_mdm.pt", "ckpt_vadd.pt"]
+    names += [f"samples_{s}_T{T}.npy" for s in ("mdm", "vadd", "vadd_cs") for T in (1, 2)]
+    for name in names:
+        assert (out / name).stat().st_size > 0, name
+    for s in ("mdm", "vadd", "vadd_cs"):
+        a = np.load(out / f"samples_{s}_T2.npy")
+        assert a.shape == (400, 2) and a.dtype.kind == "i" and a.min() >= 0 and a.max() < 16
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["unit"] == "nats per point" and saved["config"]["bins"] == 16
+    for key in ("mdm_nelbo", "delbo", "iw_delbo", "iw_samples", "data_entropy"):
+        assert key in saved["likelihood"], key
+    assert len(saved["by_steps"]) == 6
+    for row in saved["by_steps"]:
+        for key in ("sampler", "steps", "bound", "sample_seconds", "nfe", "js", "kl", "validity"):
+            assert key in row, key
+        assert 0 <= row["js"] <= math.log(2) and 0 <= row["validity"] <= 1
+        assert row["bound"] > 0 and row["nfe"] >= 1
+    assert metrics["by_steps"] == saved["by_steps"]
+    assert "VADD DELBO (not a bound)" in capsys.readouterr().out
+
+
+def test_resume_matches_a_run_straight_through(tmp_path, monkeypatch):
+    args = lambda d: tiny_args(d, "--method", "vadd", "--max-iters", "40", "--ckpt-interval", "20")  # noqa: E731
+    toy.main(args(tmp_path / "straight"))
+    update, calls = common.EMA.update, []
+
+    def interrupted_update(self, model):
+        calls.append(1)
+        if len(calls) == 25:
+            raise KeyboardInterrupt  # the run dies after the checkpoint at iteration 20
+        update(self, model)
+
+    monkeypatch.setattr(common.EMA, "update", interrupted_update)
+    with pytest.raises(KeyboardInterrupt):
+        toy.main(args(tmp_path / "resumed"))
+    monkeypatch.setattr(common.EMA, "update", update)
+    assert torch.load(tmp_path / "resumed" / "out" / "ckpt_vadd.pt", weights_only=True)["iter"] == 20
+    toy.main(args(tmp_path / "resumed") + ["--resume"])
+    a = torch.load(tmp_path / "straight" / "out" / "ckpt_vadd.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "out" / "ckpt_vadd.pt", weights_only=True)
+    assert b["iter"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one clear message, nothing written
+
+@pytest.mark.parametrize("extra, message", [
+    (["--dataset", "spiral"], "invalid choice: 'spiral'"),
+    (["--bins", "1"], "--bins must be at least 2"),
+    (["--steps", "0"], "positive whole number"),
+    (["--steps", "1,-2"], "positive whole number"),
+    (["--steps", "1,x"], "whole numbers separated by commas"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+])
+def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        toy.main(tiny_args(tmp_path, *extra))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_out_dir_under_a_regular_file_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        toy.main(tiny_args(tmp_path, "--out-dir", str(tmp_path / "file" / "out")))
+    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "not a folder" and not (tmp_path / "cache").exists()
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    toy.main(tiny_args(tmp_path, "--method", "mdm"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(SystemExit, match="was trained with .* pass the same flags"):
+        toy.main(tiny_args(tmp_path, "--method", "mdm", "--width", "48", "--resume"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_one_method_after_the_other_keeps_both_in_metrics(tmp_path):
+    toy.main(tiny_args(tmp_path, "--method", "mdm"))
+    toy.main(tiny_args(tmp_path, "--method", "vadd"))
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert sorted({r["sampler"] for r in saved["by_steps"]}) == ["mdm", "vadd", "vadd_cs"]
+    assert "mdm_nelbo" in saved["likelihood"] and "delbo" in saved["likelihood"]
+    toy.main(tiny_args(tmp_path, "--method", "vadd", "--bins", "12"))  # other flags: a fresh table
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert sorted({r["sampler"] for r in saved["by_steps"]}) == ["vadd", "vadd_cs"]
