@@ -157,12 +157,12 @@ def _grid_steps(T, batch_size, device):
 
 
 def step_bound_term(x0, denoise, schedule, mask_id, T, i, z=None, recognize=None):
-    """Step i (t = i/T -> s = (i-1)/T, i a (B,) tensor) of the valid T-step bound, per example:
+    """Step i (t = i/T -> s = (i-1)/T; i a (B,) tensor, T an int or a (B,) tensor) of the valid T-step bound:
     (alpha_s - alpha_t)/(1 - alpha_t) * sum_masked -log mu(x0 | x_t, z) with x_t ~ q(x_t | x0).
     With `recognize` (the vanilla sampler, a fresh z at every step) z ~ r(z | x0, x_t) is drawn here and the
     step adds KL(r || p) times the chance that it reveals anything, 1 - ((1 - alpha_s)/(1 - alpha_t))^n: a step
     that reveals nothing does not depend on z and so pays no KL. Otherwise z is the caller's (None for MDM,
-    the example's one z for VADD-CS). This is also the `steps` training objective's per-step loss."""
+    the example's one z for VADD-CS). Per example; steps_loss trains on it."""
     t, s = i.double() / T, (i.double() - 1) / T
     alpha_t, alpha_s = schedule.alpha_grid(t), schedule.alpha_grid(s)
     xt = forward_mask(x0, alpha_t.float(), mask_id)
@@ -176,6 +176,18 @@ def step_bound_term(x0, denoise, schedule, mask_id, T, i, z=None, recognize=None
         kl_term = reveals_any.float() * gaussian_kl(mean, logvar)
     nll = masked_nll(denoise(xt, t.float(), z), x0, masked)
     return unmask_probability(alpha_t, alpha_s).float() * nll + kl_term
+
+
+def steps_loss(x0, denoise, schedule, mask_id, train_steps, z=None):
+    """The reconstruction part of the `steps` training objective (REFERENCE.md section 3b), per example: a
+    budget K drawn from `train_steps`, a step i uniform in 1..K, and K * step_bound_term. Its expectation is
+    the summed K-step bound term, so training on it lowers exactly what the K-step sampler is judged by. With
+    one z per example from r(z | x0, everything masked) this is the consistency sampler's bound (the caller
+    adds lambda * KL once); with z None, MDM's."""
+    B = x0.shape[0]
+    K = torch.tensor(train_steps, device=x0.device)[torch.randint(len(train_steps), (B,), device=x0.device)]
+    i = (torch.rand(B, device=x0.device) * K).long().clamp_max(K - 1) + 1
+    return K * step_bound_term(x0, denoise, schedule, mask_id, K, i, z)
 
 
 @torch.no_grad()

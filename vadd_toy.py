@@ -11,6 +11,7 @@ Read top to bottom: configuration, data, networks, objective, samplers, evaluati
 The method and its pitfalls: REFERENCE.md; shared pieces (schedule, reverse step, bounds): common.py.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -55,6 +56,10 @@ def build_parser():
     a("--kl-warmup", type=int, default=None, help="iterations over which lambda rises to 1 (default max-iters/2)")
     a("--kl-start", type=float, default=0.0, help="lambda at iteration 0")
     a("--schedule", default="linear", choices=common.SCHEDULES, help="masking schedule alpha(t)")
+    a("--objective", default="delbo", choices=("delbo", "steps"),
+      help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
+           "consistency sampler (MDM: of the K-step sampler), REFERENCE.md section 3b (default delbo)")
+    a("--train-steps", default="1,2,4,8", help="budgets K for --objective steps, one drawn per example")
     # run
     a("--seed", type=int, default=0, help="seeds training, data and sampling (same for both methods)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -73,12 +78,14 @@ def parse_config(argv=None):
     """Parse and check every flag before anything is written; a bad value stops with one sentence."""
     p = build_parser()
     cfg = p.parse_args(argv)
-    try:
-        cfg.steps = [int(s) for s in str(cfg.steps).split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--steps {cfg.steps!r}: give whole numbers separated by commas, e.g. 1,2,5")
-    if not cfg.steps or min(cfg.steps) < 1:
-        p.error(f"--steps {cfg.steps}: every step count must be a positive whole number")
+    for flag in ("steps", "train_steps"):
+        try:
+            counts = [int(s) for s in str(getattr(cfg, flag)).split(",") if s.strip()]
+        except ValueError:
+            p.error(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}: give whole numbers separated by commas, e.g. 1,2,5")
+        if not counts or min(counts) < 1:
+            p.error(f"--{flag.replace('_', '-')} {counts}: every step count must be a positive whole number")
+        setattr(cfg, flag, counts)
     for name, low in [("bins", 2), ("num_samples", 1), ("num_eval", 1), ("iw_samples", 1), ("ref_points", 1),
                       ("max_iters", 0), ("batch_size", 1), ("width", 2), ("depth", 0), ("latent_dim", 1),
                       ("log_interval", 1), ("ckpt_interval", 1)]:
@@ -267,7 +274,8 @@ class Model(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Objective: the DELBO (REFERENCE.md section 2); MDM's NELBO is the same without z
+# Objectives: the paper's DELBO (REFERENCE.md section 2; MDM's NELBO is the same without z), and the valid
+# bound of the K-step sampler (section 3b, --objective steps)
 
 def delbo(model, x0, schedule, kl_weight):
     """Per point: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
@@ -283,6 +291,18 @@ def delbo(model, x0, schedule, kl_weight):
         z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
     nll = common.masked_nll(model.denoiser(xt, z), x0, masked)
     return schedule.weight(t) * (nll + kl_weight * kl), kl
+
+
+def steps_objective(model, x0, schedule, kl_weight, train_steps):
+    """Per point: the valid bound of the K-step consistency sampler (REFERENCE.md section 3b) as a loss, with
+    z ~ r(z | x0, everything masked) once per point, K drawn from train_steps and one step of the K-step grid
+    drawn per point (common.steps_loss), plus kl_weight * KL once. MDM: the same bound without z."""
+    z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
+    if model.recognition is not None:
+        mean, logvar = model.recognition(x0, torch.ones_like(x0, dtype=torch.bool))
+        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
+    nll = common.steps_loss(x0, model.denoise, schedule, model.denoiser.bins, train_steps, z)
+    return nll + kl_weight * kl, kl
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,7 +432,7 @@ def plot_training(path, histories):
         if method == "vadd":
             axes[1].plot(h[:, 0], h[:, 2], label=method)
             axes[2].plot(h[:, 0], h[:, 3], label=method)
-    titles = ["loss (MDM: NELBO; VADD: DELBO at lambda), nats per point", "VADD: KL(r || p), nats", "VADD: lambda"]
+    titles = ["training loss (objective at lambda), nats per point", "VADD: KL(r || p), nats", "VADD: lambda"]
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
     axes[0].legend(fontsize=7)
@@ -443,7 +463,8 @@ def train(cfg, method, schedule, ckpt=None):
         torch.set_rng_state(ckpt["torch_rng"])
         start, history = ckpt["iter"], [tuple(h) for h in ckpt["history"]]
         print(f"[{method}] resumed from {ckpt_path} at iteration {start}")
-    step_fn = torch.compile(delbo) if cfg.compile else delbo
+    objective = delbo if cfg.objective == "delbo" else functools.partial(steps_objective, train_steps=cfg.train_steps)
+    step_fn = torch.compile(objective) if cfg.compile else objective
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{method}] {n_params / 1e6:.2f}M parameters, {cfg.max_iters} iterations of batch {cfg.batch_size}")
     t0, curve, log = time.time(), np.zeros(3), np.zeros(3)  # (loss, KL, count) since the last point / log line
@@ -477,7 +498,7 @@ def train(cfg, method, schedule, ckpt=None):
             log[:] = 0
         if (it + 1) % cfg.ckpt_interval == 0 or it == cfg.max_iters - 1:
             common.save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                                "iter": it + 1, "config": arch_config(cfg, method), "history": history,
+                                "iter": it + 1, "config": checkpoint_config(cfg, method), "history": history,
                                 "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, ckpt_path)
     ema.copy_to(model)
     return model.eval(), history
@@ -485,11 +506,11 @@ def train(cfg, method, schedule, ckpt=None):
 
 HISTORY_EVERY = 50  # iterations averaged into one point of the training curves
 
-ARCH_KEYS = ("dataset", "bins", "width", "depth", "latent_dim", "schedule")
+CHECKPOINT_KEYS = ("dataset", "bins", "width", "depth", "latent_dim", "schedule", "objective", "train_steps")
 
 
-def arch_config(cfg, method):
-    return {"method": method, **{k: getattr(cfg, k) for k in ARCH_KEYS}}
+def checkpoint_config(cfg, method):
+    return {"method": method, **{k: getattr(cfg, k) for k in CHECKPOINT_KEYS}}
 
 
 def read_checkpoint(cfg, method):
@@ -502,8 +523,8 @@ def read_checkpoint(cfg, method):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"cannot read {path} ({e.__class__.__name__}): delete it or choose another --out-dir")
-    if ckpt.get("config") != arch_config(cfg, method):
-        raise SystemExit(f"{path} was trained with {ckpt.get('config')}, not {arch_config(cfg, method)}: "
+    if ckpt.get("config") != checkpoint_config(cfg, method):
+        raise SystemExit(f"{path} was trained with {ckpt.get('config')}, not {checkpoint_config(cfg, method)}: "
                          f"pass the same flags, or another --out-dir to start afresh")
     return ckpt
 

@@ -214,6 +214,8 @@ def test_resume_matches_a_run_straight_through(tmp_path, monkeypatch):
     (["--steps", "1,-2"], "positive whole number"),
     (["--steps", "1,x"], "whole numbers separated by commas"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--train-steps", "2,0"], "positive whole number"),
+    (["--objective", "elbo"], "invalid choice: 'elbo'"),
 ])
 def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -247,3 +249,58 @@ def test_one_method_after_the_other_keeps_both_in_metrics(tmp_path):
     toy.main(tiny_args(tmp_path, "--method", "vadd", "--bins", "12"))  # other flags: a fresh table
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert sorted({r["sampler"] for r in saved["by_steps"]}) == ["vadd", "vadd_cs"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --objective steps (REFERENCE.md section 3b)
+
+def test_steps_loss_is_an_unbiased_estimate_of_the_summed_bound(tmp_path):
+    """The mean of the `steps` loss over many draws equals the summed K-step bound: for MDM, and for VADD
+    with z ~ r(z | x0, everything masked) and the KL once, i.e. the VADD-CS bound; a set of budgets gives the
+    average of their bounds."""
+    torch.manual_seed(5)
+    schedule, n = common.Schedule("linear"), 4000
+    for method in ("mdm", "vadd"):
+        model = trained(tmp_path / method, method, iters=200)
+        sampler = "mdm" if method == "mdm" else "vadd_cs"
+        kw = dict(denoise=model.denoise, schedule=schedule, mask_id=8, recognize=model.recognition, sampler=sampler)
+        for budgets in ([3], [1, 2, 4]):
+            with torch.no_grad():
+                loss = toy.steps_objective(model, POINTS.repeat(n, 1), schedule, 1.0, budgets)[0]
+            loss = loss.view(n, len(POINTS)).double()
+            mean, se = loss.mean(0), loss.std(0) / math.sqrt(n)
+            bounds = [bound_stats(POINTS, n, T=K, exact=True, **kw) for K in budgets]
+            summed = sum(b[0] for b in bounds) / len(budgets)
+            summed_se = torch.sqrt(sum(b[1] ** 2 for b in bounds)) / len(budgets)
+            assert torch.all((mean - summed).abs() <= 4 * torch.sqrt(se ** 2 + summed_se ** 2)), (method, budgets)
+
+
+def test_steps_loss_with_one_step_is_the_vae_bound(tmp_path):
+    torch.manual_seed(6)
+    schedule = common.Schedule("linear")
+    mdm = trained(tmp_path / "mdm", "mdm", iters=50)
+    with torch.no_grad():  # MDM, K = 1: everything masked, deterministic, the T = 1 bound exactly
+        loss = toy.steps_objective(mdm, POINTS, schedule, 1.0, [1])[0]
+    exact, _ = exact_nll(mdm, POINTS, 1, schedule)
+    assert torch.allclose(loss.double(), exact, atol=1e-4)
+    vadd = trained(tmp_path / "vadd", "vadd", iters=200)
+    masks = []
+    forward = vadd.recognition.forward
+    vadd.recognition.forward = lambda x0, masked: (masks.append(masked.clone()), forward(x0, masked))[1]
+    with torch.no_grad():
+        loss = toy.steps_objective(vadd, POINTS.repeat(4000, 1), schedule, 1.0, [1])[0].view(4000, -1).double()
+    assert len(masks) == 1 and masks[0].all(), "the recognition model sees x0 with everything masked"
+    vadd.recognition.forward = forward
+    vae, vae_se = bound_stats(POINTS, 4000, denoise=vadd.denoise, schedule=schedule, mask_id=8,
+                              recognize=vadd.recognition, sampler="vadd_cs", T=1, exact=True)
+    se = loss.std(0) / math.sqrt(4000)
+    assert torch.all((loss.mean(0) - vae).abs() <= 4 * torch.sqrt(se ** 2 + vae_se ** 2))
+
+
+def test_main_with_the_steps_objective(tmp_path):
+    metrics = toy.main(tiny_args(tmp_path, "--objective", "steps", "--train-steps", "1,3"))
+    assert metrics["config"]["objective"] == "steps" and metrics["config"]["train_steps"] == [1, 3]
+    assert {r["sampler"] for r in metrics["by_steps"]} == {"mdm", "vadd", "vadd_cs"}
+    assert all(math.isfinite(r["bound"]) for r in metrics["by_steps"])
+    with pytest.raises(SystemExit, match="was trained with"):  # a checkpoint of the other objective is refused
+        toy.main(tiny_args(tmp_path, "--objective", "delbo", "--resume"))
