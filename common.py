@@ -60,11 +60,15 @@ def forward_mask(x0, alpha_t, mask_id):
     return torch.where(torch.rand(x0.shape, device=x0.device) < keep, x0, mask_id)
 
 
+def stratified_uniform(batch_size, device="cpu"):
+    """u_i = (u0 + i / B) mod 1 with one u0 ~ U(0, 1): each u_i is uniform and the batch has one value in each
+    of the B strata, which lowers the variance of a batch mean at no cost (low-discrepancy sampling)."""
+    return (torch.rand((), device=device) + torch.arange(batch_size, device=device) / batch_size) % 1
+
+
 def sample_times(batch_size, eps=1e-3, device="cpu"):
-    """Low-discrepancy times: u_i = (u0 + i / B) mod 1, t = eps + (1 - eps) u; one stratum per example,
-    which lowers the variance of the batch's NELBO estimate at no cost."""
-    u = (torch.rand((), device=device) + torch.arange(batch_size, device=device) / batch_size) % 1
-    return eps + (1 - eps) * u
+    """Training and evaluation times t = eps + (1 - eps) u, u stratified over the batch."""
+    return eps + (1 - eps) * stratified_uniform(batch_size, device)
 
 
 def kl_weight(step, warmup, start=0.0):
@@ -150,12 +154,6 @@ def masked_nll(logits, x0, masked):
     return torch.where(masked.reshape(-1), nll, 0.0).view(x0.shape[0], -1).sum(1)
 
 
-def _grid_steps(T, batch_size, device):
-    """Step indices i in 1..T, one per example, stratified like sample_times."""
-    u = (torch.rand((), device=device) + torch.arange(batch_size, device=device) / batch_size) % 1
-    return (u * T).long().clamp_max(T - 1) + 1
-
-
 def step_bound_term(x0, denoise, schedule, mask_id, T, i, z=None, recognize=None):
     """Step i (t = i/T -> s = (i-1)/T; i a (B,) tensor, T an int or a (B,) tensor) of the valid T-step bound:
     (alpha_s - alpha_t)/(1 - alpha_t) * sum_masked -log mu(x0 | x_t, z) with x_t ~ q(x_t | x0).
@@ -208,11 +206,11 @@ def step_bound(x0, denoise, schedule, mask_id, T, recognize=None, sampler="mdm",
         total += gaussian_kl(mean, logvar)
     per_step_recognize = recognize if sampler == "vadd" else None
     if exact:
-        for i in range(1, T + 1):
-            i = torch.full((B,), i, device=x0.device)
+        for step in range(1, T + 1):
+            i = torch.full((B,), step, device=x0.device)
             total += step_bound_term(x0, denoise, schedule, mask_id, T, i, z, per_step_recognize)
     else:
-        i = _grid_steps(T, B, x0.device)
+        i = (stratified_uniform(B, x0.device) * T).long().clamp_max(T - 1) + 1  # one step per example
         total += T * step_bound_term(x0, denoise, schedule, mask_id, T, i, z, per_step_recognize)
     return total
 
