@@ -1,0 +1,494 @@
+"""vadd_text.py on tiny configs through main(): the three kinds of --data, both methods, resume, DDP with gloo,
+the scorer, the DiT's properties, the samplers' network-call counts, and bad input. GPT-2 tokens come from the
+ranks file in tests/fixtures/text (no network)."""
+import functools
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import common
+import vadd_text as vt
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "text")
+WORDS = ("the king shall speak of love and war to his lords while the queen sings softly in the garden of "
+         "roses; what light breaks there? good night, sweet prince, and may the stars keep thee").split()
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_from_fixture():
+    """The GPT-2 encoding built from the committed ranks file, as ENVIRONMENT.md describes."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    from tiktoken_ext.openai_public import r50k_pat_str
+    ranks = load_tiktoken_bpe(os.path.join(FIXTURES, "gpt2.tiktoken"),
+                              expected_hash="306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930")
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+@pytest.fixture(autouse=True)
+def offline_gpt2(monkeypatch):
+    monkeypatch.setattr(vt, "gpt2_encoding", gpt2_from_fixture)
+
+
+def write_text(path, n_words=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    lines = [" ".join(rng.choice(WORDS, size=rng.integers(4, 10))) for _ in range(n_words // 7)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_args(tmp_path, data, *extra):
+    return ["--data", str(data), "--model", "tiny", "--layers", "1", "--width", "32", "--heads", "2", "--cond-dim", "16",
+            "--latent-dim", "4", "--block-size", "16", "--max-iters", "6", "--batch-size", "8", "--warmup-iters", "2",
+            "--num-eval", "8", "--eval-batch", "8", "--num-samples", "4", "--sample-batch", "4", "--iw-samples", "2",
+            "--steps", "1,2", "--eval-model", "none", "--log-interval", "2", "--eval-interval", "3",
+            "--ckpt-interval", "3", "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *extra]
+
+
+def check_outputs(out, metrics, vocab_size, samplers, steps=(1, 2), num=4, block=16):
+    """Every output file is written; samples hold only real token ids; metrics.json has the STYLE.md shape."""
+    names = ["metrics.json", "training.png", "bounds.png"] + [f"ckpt_{m}.pt" for m in {s[:4] for s in samplers}]
+    names += [f"samples_{s}_T{T}.{ext}" for s in samplers for T in steps for ext in ("npy", "txt")]
+    for name in names:
+        assert (out / name).stat().st_size > 0, name
+    for s in samplers:
+        for T in steps:
+            a = np.load(out / f"samples_{s}_T{T}.npy")
+            assert a.shape == (num, block) and a.dtype.kind == "i"
+            assert a.min() >= 0 and a.max() < vocab_size  # no [M] (= vocab_size) left, nothing above
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["unit"] == "nats per token" and saved["config"]["vocab_size"] == vocab_size
+    assert sorted((r["sampler"], r["steps"]) for r in saved["by_steps"]) == sorted((s, T) for s in samplers for T in steps)
+    for row in saved["by_steps"]:
+        assert row["bound"] > 0 and row["nfe"] >= 1 and row["sample_seconds"] >= 0
+        assert row["bound_ppl"] == pytest.approx(math.exp(row["bound"]))
+        assert 0 <= row["entropy"] <= math.log(block)
+    assert metrics["by_steps"] == saved["by_steps"]
+    return saved
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and end to end through main()
+
+def test_fixture_builds_the_gpt2_encoding():
+    assert gpt2_from_fixture().encode("Hello world") == [15496, 995]
+
+
+def test_gpt2_text_file_both_methods(tmp_path, capsys):
+    data = write_text(tmp_path / "poem.txt")
+    metrics = vt.main(tiny_args(tmp_path, data, "--method", "both"))
+    saved = check_outputs(tmp_path / "out", metrics, 50257, ["mdm", "vadd_cs"])
+    lik = saved["likelihood"]
+    for key in ("mdm_nelbo", "delbo", "iw_delbo", "kl"):
+        assert math.isfinite(lik[key]) and lik[key + "_se"] >= 0, key
+    assert lik["iw_samples"] == 2 and lik["bounds"] == {"mdm_nelbo": True, "delbo": False, "iw_delbo": False}
+    # a KL is >= 0; at the prior common.gaussian_kl sums exp(lv) - 1 - lv in float32 and can round to -1e-8
+    assert saved["training"]["vadd"]["tokens_per_s"] > 0 and saved["training"]["vadd"]["final_kl"] > -1e-6
+    # the cached tokens are the GPT-2 ids of the file, 90% / 10%
+    (cache,) = [p for p in (tmp_path / "cache").iterdir()]
+    ids = gpt2_from_fixture().encode_ordinary(data.read_text())
+    cut = int(0.9 * len(ids))
+    assert np.fromfile(cache / "train.bin", np.uint16).tolist() == ids[:cut]
+    assert np.fromfile(cache / "val.bin", np.uint16).tolist() == ids[cut:]
+    text = (tmp_path / "out" / "samples_mdm_T2.txt").read_text(encoding="utf-8")
+    assert text.count("=" * 40) == 3
+    out = capsys.readouterr().out
+    assert "VADD DELBO (not a bound)" in out and "MDM NELBO (bound" in out and "tok/s" in out and "eta" in out
+
+
+def test_char_tokens_are_cached_and_decode_back(tmp_path, capsys):
+    data = write_text(tmp_path / "poem.txt")
+    args = tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "vadd", "--sampler", "both", "--max-iters", "3")
+    check_outputs(tmp_path / "out", vt.main(args), len(set(data.read_text())), ["vadd", "vadd_cs"])
+    (cache,) = [p for p in (tmp_path / "cache").iterdir()]
+    meta = json.loads((cache / "meta.json").read_text())
+    ids = np.concatenate([np.fromfile(cache / f"{s}.bin", np.uint16) for s in ("train", "val")])
+    assert meta["tokenizer"] == "char" and "".join(meta["alphabet"][i] for i in ids) == data.read_text()
+    stamp = os.path.getmtime(cache / "train.bin")
+    vt.main(args + ["--eval-only"])  # the second run finds the cache and does not tokenise again
+    assert os.path.getmtime(cache / "train.bin") == stamp and len(list((tmp_path / "cache").iterdir())) == 1
+    samples = np.load(tmp_path / "out" / "samples_vadd_cs_T2.npy")
+    text = (tmp_path / "out" / "samples_vadd_cs_T2.txt").read_text(encoding="utf-8")
+    assert text.split(f"\n{'=' * 40}\n")[0] == "".join(meta["alphabet"][i] for i in samples[0])
+
+
+def write_prepared(folder, vocab_size, n_train=3000, n_val=400, top=None, seed=0):
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        rng.integers(0, vocab_size, n).astype(np.uint16).tofile(folder / f"{split}.bin")
+    if top is not None:
+        a = np.fromfile(folder / "val.bin", np.uint16)
+        a[7] = top
+        a.tofile(folder / "val.bin")
+    (folder / "meta.json").write_text(json.dumps({"vocab_size": vocab_size}))
+    return folder
+
+
+def test_prepared_folder_with_an_unusual_vocabulary(tmp_path):
+    data = write_prepared(tmp_path / "ids", 37)
+    metrics = vt.main(tiny_args(tmp_path, data, "--method", "both"))
+    check_outputs(tmp_path / "out", metrics, 37, ["mdm", "vadd_cs"])
+    text = (tmp_path / "out" / "samples_mdm_T1.txt").read_text()
+    assert all(0 <= int(w) < 37 for w in text.split("\n")[0].split())  # unknown tokeniser: ids as text
+    assert not (tmp_path / "cache").exists()  # a prepared folder is read where it is
+
+
+def test_eval_only_and_sample_only_reproduce_the_run(tmp_path):
+    data = write_prepared(tmp_path / "ids", 23)
+    first = vt.main(tiny_args(tmp_path, data, "--method", "vadd"))
+    again = vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--eval-only"))
+    for key in ("delbo", "iw_delbo", "kl"):
+        assert again["likelihood"][key] == first["likelihood"][key], key
+    for a, b in zip(first["by_steps"], again["by_steps"]):
+        assert a["bound"] == b["bound"] and a["entropy"] == b["entropy"]
+    saved = np.load(tmp_path / "out" / "samples_vadd_cs_T2.npy")
+    only = vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--sample-only", "--steps", "3"))
+    assert np.array_equal(np.load(tmp_path / "out" / "samples_vadd_cs_T2.npy"), saved)
+    assert [(r["sampler"], r["steps"], "bound" in r) for r in only["by_steps"]][-1] == ("vadd_cs", 3, False)
+
+
+def test_openwebtext_preparation_follows_mdlm(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(1)
+    docs = [" ".join(rng.choice(WORDS, size=rng.integers(20, 60))) for _ in range(30)]
+    monkeypatch.setattr(vt, "load_hf_dataset", lambda name: datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": docs})}) if name == "openwebtext" else None)
+    monkeypatch.setattr(vt, "OWT_HELDOUT", 5)
+    vt.main(tiny_args(tmp_path, "openwebtext", "--method", "mdm", "--max-iters", "2"))
+    enc, folder = gpt2_from_fixture(), tmp_path / "cache" / "openwebtext"
+    joined = lambda d: [t for doc in d for t in enc.encode_ordinary(doc) + [50256]]  # noqa: E731 (EOS after each)
+    assert np.fromfile(folder / "train.bin", np.uint16).tolist() == joined(docs[:25])
+    assert np.fromfile(folder / "val.bin", np.uint16).tolist() == joined(docs[25:])  # the last documents held out
+    assert json.loads((folder / "meta.json").read_text())["vocab_size"] == 50257
+
+
+def test_lm1b_preparation_follows_mdlm_wrap(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    transformers = pytest.importorskip("transformers")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ";", "?", "."] + sorted(set(WORDS))))
+    tok = transformers.BertTokenizer(vocab_file=str(vocab))
+    rng = np.random.default_rng(2)
+    sentences = lambda n: [" ".join(rng.choice(WORDS, size=rng.integers(5, 12))) + " ." for _ in range(n)]  # noqa: E731
+    train, test = sentences(200), sentences(40)
+    monkeypatch.setattr(vt, "hf_tokenizer", lambda name: tok)
+    monkeypatch.setattr(vt, "load_hf_dataset", lambda name: datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": train}), "test": datasets.Dataset.from_dict({"text": test})}))
+    metrics = vt.main(tiny_args(tmp_path, "lm1b", "--method", "mdm", "--max-iters", "2"))
+    folder = tmp_path / "cache" / "lm1b"
+    wrapped = lambda s: [t for x in s for t in tok(x)["input_ids"]]  # noqa: E731 ([CLS] ... [SEP] each)
+    assert np.fromfile(folder / "train.bin", np.uint16).tolist() == wrapped(train)
+    assert np.fromfile(folder / "val.bin", np.uint16).tolist() == wrapped(test)
+    assert metrics["config"]["block_size"] == 16 and metrics["config"]["vocab_size"] == tok.vocab_size
+    assert vt.parse_config(["--data", "lm1b", "--cache-dir", str(tmp_path / "cache")]).block_size == 128
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume and DDP
+
+def test_resume_matches_a_run_straight_through(tmp_path, monkeypatch):
+    data = write_text(tmp_path / "poem.txt")
+    args = lambda d: tiny_args(d, data, "--tokenizer", "char", "--method", "vadd", "--grad-accum", "2")  # noqa: E731
+    vt.main(args(tmp_path / "straight"))
+    update, calls = common.EMA.update, []
+
+    def interrupted_update(self, model):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the run dies after the checkpoint at iteration 3
+        update(self, model)
+
+    monkeypatch.setattr(common.EMA, "update", interrupted_update)
+    with pytest.raises(KeyboardInterrupt):
+        vt.main(args(tmp_path / "resumed"))
+    monkeypatch.setattr(common.EMA, "update", update)
+    assert torch.load(tmp_path / "resumed" / "out" / "ckpt_vadd.pt", weights_only=True)["iter"] == 3
+    vt.main(args(tmp_path / "resumed") + ["--resume"])
+    a = torch.load(tmp_path / "straight" / "out" / "ckpt_vadd.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "out" / "ckpt_vadd.pt", weights_only=True)
+    assert b["iter"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["ema"]["params"]:
+        assert torch.equal(a["ema"]["params"][k], b["ema"]["params"][k]), k
+
+
+def _ddp_worker(rank, world, port, argv, record):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    get_batch, seen = vt.get_batch, []
+
+    def spy(ids, offsets, block_size, device):
+        seen.append((len(ids), [int(o) for o in offsets]))
+        return get_batch(ids, offsets, block_size, device)
+
+    vt.get_batch = spy
+    vt.main(argv)
+    with open(f"{record}.{rank}.json", "w") as f:
+        json.dump(seen, f)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_read_different_windows(tmp_path):
+    data = write_text(tmp_path / "poem.txt")
+    argv = tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "vadd", "--max-iters", "4",
+                     "--device", "cpu")
+    mp.spawn(_ddp_worker, args=(2, free_port(), argv, str(tmp_path / "seen")), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"seen.{r}.json").read_text()) for r in (0, 1)]
+    n_train = max(n for n, _ in seen[0])
+    windows = [[o for n, o in s if n == n_train] for s in seen]  # training reads (the validation split is smaller)
+    assert len(windows[0]) == len(windows[1]) == 4 and all(len(w) == 4 for w in windows[0] + windows[1])
+    for a, b in zip(*windows):
+        assert a != b  # each rank reads its own windows of the iteration's global batch
+    # the two ranks together read the global batch one process reads with the same seed
+    rng = np.random.default_rng(0)
+    cfg = vt.parse_config(argv)
+    for it in range(4):
+        assert sorted(windows[0][it] + windows[1][it]) == sorted(vt.window_offsets(rng, n_train, cfg, 1).ravel().tolist())
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())  # rank 0 finished and wrote the results
+    assert {r["sampler"] for r in saved["by_steps"]} == {"vadd_cs"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generative perplexity with a tiny random GPT-2 saved to a folder
+
+def tiny_scorer(folder, text, context):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(fast), n_positions=context, n_embd=32, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return fast
+
+
+def test_generative_perplexity_scores_every_token_once(tmp_path):
+    text = write_text(tmp_path / "poem.txt").read_text()
+    fast = tiny_scorer(tmp_path / "scorer", text, context=512)
+    scorer = vt.load_scorer(str(tmp_path / "scorer"), "cpu")
+    texts = ["the king shall speak<|endoftext|>of love", "good night, sweet prince"]
+    nll, count = 0.0, 0
+    for t in texts:  # by hand: EOS first, every token scored given all before it
+        ids = torch.tensor([[fast.eos_token_id] + fast(t)["input_ids"]])
+        assert (fast.eos_token_id in ids[0, 1:].tolist()) == ("<|endoftext|>" in t)  # our EOS is the scorer's
+        nll += scorer[1](ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    assert vt.generative_perplexity(texts, scorer, "cpu") == pytest.approx(math.exp(nll / count), rel=1e-5)
+    # a context shorter than the text: scored in windows, every token still once
+    small = tiny_scorer(tmp_path / "short", text, context=4)
+    short = vt.load_scorer(str(tmp_path / "short"), "cpu")
+    ppl = vt.generative_perplexity(texts, short, "cpu")
+    assert math.isfinite(ppl) and 1 < ppl < 10 * len(small)
+
+
+def test_main_reports_gen_ppl_with_a_local_scorer(tmp_path):
+    data = write_text(tmp_path / "poem.txt")
+    tiny_scorer(tmp_path / "scorer", data.read_text(), context=64)
+    metrics = vt.main(tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "mdm",
+                                "--eval-model", str(tmp_path / "scorer")))
+    scorer = vt.load_scorer(str(tmp_path / "scorer"), "cpu")
+    meta_alphabet = "".join(sorted(set(data.read_text())))
+    for row in metrics["by_steps"]:
+        tokens = np.load(tmp_path / "out" / f"samples_mdm_T{row['steps']}.npy")
+        texts = ["".join(meta_alphabet[i] for i in r) for r in tokens]
+        assert row["gen_ppl"] == pytest.approx(vt.generative_perplexity(texts, scorer, "cpu"), rel=1e-6)
+    assert math.isfinite(metrics["data"]["gen_ppl"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The networks and the samplers
+
+def small_cfg(tmp_path, *extra):
+    cfg = vt.parse_config(tiny_args(tmp_path, "shakespeare", *extra))  # the data is not read here
+    cfg.vocab_size = 11
+    return cfg
+
+
+def test_fresh_denoiser_is_uniform_over_real_tokens(tmp_path):
+    torch.manual_seed(0)
+    cfg = small_cfg(tmp_path)
+    model = vt.Model(cfg, "vadd", 11)
+    xt = torch.randint(0, 12, (64, 16))  # ids 0..11, 11 = [M]
+    logits = model.denoise(xt, torch.rand(64), torch.randn(64, cfg.latent_dim))
+    assert logits.shape == (64, 16, 11) and torch.all(logits == 0)  # adaLN-zero: uniform over the 11 real tokens
+    # hence the NELBO of any data is log V per token (REFERENCE.md section 6)
+    x0 = torch.randint(0, 11, (4096, 16))
+    loss, kl = vt.delbo(model, x0, 1.0)
+    per_token = loss.double() / 16
+    assert torch.all(kl == 0)
+    assert abs(per_token.mean().item() - math.log(11)) < 4 * per_token.std().item() / math.sqrt(len(per_token))
+
+
+def test_z_matters_once_trained_and_recognition_reads_x0_and_mask(tmp_path):
+    data = write_text(tmp_path / "poem.txt")
+    cfg = vt.parse_config(tiny_args(tmp_path, data, "--tokenizer", "char", "--max-iters", "20", "--lr", "3e-3"))
+    train_ids, val_ids, meta = vt.load_data(cfg, 0)
+    cfg.vocab_size = meta["vocab_size"]
+    os.makedirs(cfg.out_dir)
+    val_x0 = vt.eval_windows(val_ids, cfg, 0, 1)
+    model, history, _ = vt.train(cfg, "vadd", train_ids, val_x0, None, 0, 1)
+    x0 = val_x0[:4]
+    xt = torch.full_like(x0, cfg.vocab_size)
+    with torch.no_grad():
+        a, b = (model.denoise(xt, None, torch.randn(4, cfg.latent_dim)) for _ in range(2))
+        assert (a - b).abs().max() > 1e-3
+        masked = torch.rand(x0.shape) < 0.5
+        m0, v0 = model.recognition(x0, masked)
+        m1, v1 = model.recognition(x0, ~masked)  # same x0, other mask pattern
+        m2, v2 = model.recognition(x0.roll(1, 0), masked)  # other x0, same mask pattern
+    assert (m0 - m1).abs().max() > 1e-4 and (m0 - m2).abs().max() > 1e-4
+    assert (v0 - v1).abs().max() > 1e-4 and (v0 - v2).abs().max() > 1e-4
+
+
+def test_samplers_count_calls_and_reuse_only_where_valid(tmp_path):
+    """The spy sees every denoiser call. MDM and VADD-CS skip sequences whose input did not change (so at T much
+    larger than L they make far fewer than T calls), VADD-CS keeps one z, vanilla brings a new z every call."""
+    torch.manual_seed(1)
+    cfg = small_cfg(tmp_path, "--sample-batch", "6")  # one batch: a second would bring its own z
+    model = vt.Model(cfg, "vadd", 11).eval()
+    for p in model.parameters():  # random weights: an informative, non-uniform denoiser
+        torch.nn.init.normal_(p, std=0.3)
+    seen, forward = [], model.denoiser.forward
+    model.denoiser.forward = lambda xt, t=None, z=None: (seen.append((len(xt), z.clone())), forward(xt, t, z))[1]
+    T = 64
+    for sampler in ("vadd_cs", "vadd"):
+        seen.clear()
+        tokens, nfe = vt.sample(model, 6, T, sampler, cfg)
+        assert tokens.shape == (6, 16) and tokens.max() < 11 and tokens.min() >= 0
+        assert nfe == sum(n for n, _ in seen) / 6
+        zs = [z for _, z in seen]
+        for i, z in enumerate(zs[1:], 1):
+            earlier = (z[:, None, :] == torch.cat(zs[:i])[None]).all(-1).any(1)
+            assert torch.all(earlier) if sampler == "vadd_cs" else not torch.any(earlier)
+        if sampler == "vadd_cs":
+            assert nfe <= 16  # one call per step in which the sequence changed: at most L
+        else:
+            assert nfe > 16  # a new z each step: no reuse
+    cfg.time_cond = True  # with t as input the output changes every step: no reuse for MDM either
+    timed = vt.Model(cfg, "mdm", 11).eval()
+    _, nfe = vt.sample(timed, 6, T, "mdm", cfg)
+    assert nfe > 16
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one clear message, nothing written
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "0"], "positive whole number"),
+    (["--steps", "1,x"], "whole numbers separated by commas"),
+    (["--width", "30"], "heads of even size"),
+    (["--batch-size", "6", "--grad-accum", "4"], "must be a multiple of"),
+    (["--eval-only", "--sample-only"], "give one of --eval-only and --sample-only"),
+    (["--tokenizer", "bpe"], "invalid choice: 'bpe'"),
+    (["--num-samples", "0"], "--num-samples must be at least 1"),
+])
+def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
+    data = write_text(tmp_path / "poem.txt")
+    with pytest.raises(SystemExit) as e:
+        vt.main(tiny_args(tmp_path, data, *extra))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_missing_empty_and_unprepared_data_are_refused(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train.bin").write_bytes(b"")
+    for data, message in [(tmp_path / "nothing.txt", "no such file or folder"), (tmp_path / "empty.txt", "is empty"),
+                          (tmp_path / "half", "lacks val.bin, meta.json")]:
+        with pytest.raises(SystemExit) as e:
+            vt.main(tiny_args(tmp_path, data))
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        vt.main(tiny_args(tmp_path, write_text(tmp_path / "poem.txt"), "--out-dir", str(tmp_path / "file" / "out")))
+    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_bad_data_contents_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="holds token id 40, not below vocab_size 37"):
+        vt.main(tiny_args(tmp_path, write_prepared(tmp_path / "ids", 37, top=40)))
+    with pytest.raises(SystemExit, match="--block-size 16 is larger than the val split"):
+        vt.main(tiny_args(tmp_path, write_prepared(tmp_path / "short", 37, n_val=10)))
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1") * 100)
+    with pytest.raises(SystemExit, match="is not UTF-8 text"):
+        vt.main(tiny_args(tmp_path, tmp_path / "latin1.txt"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_shakespeare_download_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(vt.urllib.request, "urlretrieve", lambda url, path: open(path, "w").write("First Citizen:"))
+    with pytest.raises(SystemExit, match="has 14 bytes, not 1115394"):
+        vt.main(tiny_args(tmp_path, "shakespeare"))
+    assert os.listdir(tmp_path / "cache") == [] and not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    data = write_prepared(tmp_path / "ids", 19)
+    vt.main(tiny_args(tmp_path, data, "--method", "mdm"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(SystemExit, match=r"was trained with width 32 \(now 48\): pass the same flags"):
+        vt.main(tiny_args(tmp_path, data, "--method", "mdm", "--width", "48", "--resume"))
+    with pytest.raises(SystemExit, match="ckpt_vadd.pt does not exist"):
+        vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--eval-only"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_default_scorer_is_skipped_without_transformers_but_an_asked_one_is_required(tmp_path, monkeypatch, capsys):
+    args = [a for a in tiny_args(tmp_path, "shakespeare") if a not in ("--eval-model", "none")]
+    assert vt.parse_config(args).eval_model == ("gpt2-large" if vt.have("transformers") else None)
+    monkeypatch.setattr(vt, "have", lambda package: False)
+    assert vt.parse_config(args).eval_model is None
+    assert "generative perplexity is skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        vt.parse_config(args + ["--eval-model", "gpt2"])
+    assert "needs the `transformers` package" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --objective steps (REFERENCE.md section 3b)
+
+def test_steps_objective_end_to_end_and_its_recognition_sees_everything_masked(tmp_path):
+    data = write_prepared(tmp_path / "ids", 37)
+    metrics = vt.main(tiny_args(tmp_path, data, "--method", "both", "--objective", "steps", "--train-steps", "1,3"))
+    saved = check_outputs(tmp_path / "out", metrics, 37, ["mdm", "vadd_cs"])
+    assert saved["config"]["objective"] == "steps" and saved["config"]["train_steps"] == [1, 3]
+    cfg = small_cfg(tmp_path, "--objective", "steps")
+    model = vt.Model(cfg, "vadd", 11)
+    masks, forward = [], model.recognition.forward
+    model.recognition.forward = lambda x0, masked: (masks.append(masked.clone()), forward(x0, masked))[1]
+    loss, kl = model(torch.randint(0, 11, (8, 16)), 1.0)
+    assert len(masks) == 1 and masks[0].all() and loss.shape == (8,) and torch.isfinite(loss).all()
+
+
+def test_steps_objective_with_one_step_is_the_t1_bound(tmp_path):
+    """K = 1 for MDM: everything masked and one step, so the loss is the valid T = 1 bound exactly."""
+    torch.manual_seed(0)
+    cfg = small_cfg(tmp_path, "--objective", "steps", "--train-steps", "1")
+    model = vt.Model(cfg, "mdm", 11)
+    torch.nn.init.normal_(model.denoiser.out.weight, std=0.5)  # a denoiser that is not uniform
+    x0 = torch.randint(0, 11, (8, 16))
+    with torch.no_grad():
+        loss, _ = model(x0, 1.0)
+        bound = common.step_bound(x0, model.denoise, model.schedule, 11, 1, exact=True)
+    assert torch.allclose(loss, bound, rtol=1e-5)
