@@ -1,0 +1,960 @@
+"""VADD vs masked diffusion (MDM) on CIFAR-10 pixels: the paper's colour-image experiment.
+
+Every sub-pixel is a token over V = 256 values, so an image is 32 x 32 x 3 = 3072 tokens. A UNet denoiser
+predicts all masked sub-pixels at once; with few steps MDM draws them independently and gets noise, while
+VADD conditions the UNet on a per-image latent z (test bpd 2.80 MDLM vs 2.74 VADD; FID at 10/20/50/100 steps
+334/261/140/77 vs 170/109/65/51 in the paper).
+
+    python vadd_cifar.py                                    # paper scale: both methods, one GPU (days)
+    torchrun --nproc_per_node 8 vadd_cifar.py               # the same on 8 GPUs
+    python vadd_cifar.py --preset cpu --data DIR            # a small smoke run on a CPU
+
+Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main.
+The method and its pitfalls: REFERENCE.md; shared pieces (schedule, reverse step, bounds): common.py.
+"""
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import tarfile
+import time
+import urllib.request
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+SAMPLERS = {"mdm": "MDM", "vadd": "VADD vanilla (fresh z each step)", "vadd_cs": "VADD-CS (one z per image)"}
+V, MASK, SHAPE = 256, 256, (32, 32, 3)  # sub-pixel values, the [M] id, token layout (height, width, colour)
+D = 32 * 32 * 3  # tokens per image: bits per dimension = nats per image / (D ln 2)
+
+# Presets fill every flag left unset. paper: the UNet of DDPM for CIFAR-10 (Ho et al. 2020: 128 channels,
+# multipliers 1,2,2,2, two residual blocks per resolution, attention at 16 x 16, dropout 0.1; about 36M
+# parameters), batch 128, lr 2e-4 with 5000 warm-up steps, EMA 0.9999, and the paper's 2M iterations.
+# cpu: a small UNet that trains in minutes on two cores.
+PRESETS = {
+    "paper": dict(channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1, embed_dim=32,
+                  latent_dim=128, max_iters=2_000_000, batch_size=128, lr=2e-4, warmup_iters=5000, ema=0.9999,
+                  kl_warmup=100_000, num_samples=50_000, sample_batch=1000, num_eval=10_000, eval_batch=500,
+                  iw_samples=32, val_images=1000, log_interval=100, eval_interval=20_000, ckpt_interval=5000),
+    "cpu": dict(channels=32, channel_mult="1,2,2", num_res_blocks=1, attn_res="8", dropout=0.0, embed_dim=8,
+                latent_dim=32, max_iters=1000, batch_size=32, lr=1e-3, warmup_iters=100, ema=0.99,
+                kl_warmup=500, num_samples=128, sample_batch=128, num_eval=500, eval_batch=100,
+                iw_samples=8, val_images=200, log_interval=50, eval_interval=500, ckpt_interval=500),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def a(flag, *args, help="", **kw):  # flags a preset fills show both presets' values in --help
+        key = flag[2:].replace("-", "_")
+        if key in PRESETS["paper"]:
+            help += f" (paper: {PRESETS['paper'][key]}, cpu: {PRESETS['cpu'][key]})"
+        p.add_argument(flag, *args, help=help, **kw)
+
+    a("--preset", default="paper", choices=tuple(PRESETS), help="defaults for every flag left unset")
+    a("--method", default="both", choices=("mdm", "vadd", "both"),
+      help="train MDM, VADD, or both one after the other with the same seed, data and budget (default both)")
+    # data
+    a("--data", default=None, help="folder with the extracted data_batch_*.bin and test_batch.bin (no network); "
+                                   "default: download cifar-10-binary.tar.gz once into --cache-dir")
+    a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd"), help="download cache")
+    a("--val-images", type=int, help="training images set aside for validation during training")
+    a("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flips (default on)")
+    # model
+    a("--channels", type=int, help="UNet base channels")
+    a("--channel-mult", help="channel multiplier per resolution, comma separated (32, 16, 8, 4 pixels)")
+    a("--num-res-blocks", type=int, help="residual blocks per resolution")
+    a("--attn-res", help="resolutions with self-attention, comma separated ('' for none)")
+    a("--dropout", type=float, help="dropout in the residual blocks")
+    a("--embed-dim", type=int, help="embedding size of one sub-pixel value; three are concatenated per pixel")
+    a("--time-cond", default=False, action=argparse.BooleanOptionalAction,
+      help="feed t to the denoiser (default off: the optimal masked denoiser ignores t, and samplers can then "
+           "reuse its output while an image is unchanged)")
+    a("--latent-dim", type=int, help="size of z (VADD); a global code per image, small next to its 3072 tokens")
+    a("--schedule", default="linear", choices=common.SCHEDULES, help="masking schedule alpha(t) (default linear)")
+    a("--objective", default="delbo", choices=("delbo", "steps"),
+      help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
+           "consistency sampler (MDM: of the K-step sampler), REFERENCE.md section 3b (default delbo)")
+    a("--train-steps", default="1,2,4,8", help="budgets K for --objective steps, one drawn per image")
+    # budget and optimisation
+    a("--max-iters", type=int, help="optimizer steps per method")
+    a("--batch-size", type=int, help="images per optimizer step, over all GPUs and accumulation steps")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each GPU (default 1)")
+    a("--lr", type=float, help="peak learning rate of AdamW")
+    a("--warmup-iters", type=int, help="linear learning-rate warm-up, then cosine decay to lr/10")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    a("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (default 1)")
+    a("--ema", type=float, help="EMA decay of the weights used for evaluation and sampling (0 = off)")
+    a("--kl-warmup", type=int, help="iterations over which lambda rises to 1")
+    a("--kl-start", type=float, default=0.0, help="lambda at iteration 0 (default 0)")
+    # sampling and evaluation
+    a("--steps", default="1,5,10,20,50,100", help="denoising step counts, comma separated (default %(default)s)")
+    a("--num-samples", type=int, help="images drawn per sampler and step count")
+    a("--sample-batch", type=int, help="images per sampling batch on each GPU")
+    a("--num-eval", type=int, help="test images for the likelihoods (10000 = all)")
+    a("--eval-batch", type=int, help="images per evaluation batch on each GPU")
+    a("--iw-samples", type=int, help="draws of z for the importance-weighted DELBO")
+    a("--fid", type=int, default=0, help="FID on this many samples per sampler and step count, against the "
+                                         "training set (needs torchmetrics and torch-fidelity; default 0 = off)")
+    a("--fid-weights", default=None, help="a local copy of torch-fidelity's Inception weights (offline machines)")
+    # run
+    a("--seed", type=int, default=0, help="seeds training, data and sampling (same for both methods)")
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: one GPU per process)")
+    a("--dtype", default=None, choices=("float32", "bfloat16"), help="autocast dtype (default bf16 on CUDA)")
+    a("--compile", default=None, action=argparse.BooleanOptionalAction, help="torch.compile (default on CUDA)")
+    a("--out-dir", default=os.path.join("out", "cifar"), help="output folder (default %(default)s)")
+    a("--resume", action="store_true", help="continue training from ckpt_<method>.pt in --out-dir")
+    a("--eval-only", action="store_true", help="no training: likelihoods, samples and FID from ckpt_<method>.pt")
+    a("--sample-only", action="store_true", help="no training, no likelihoods: samples and FID from the checkpoint")
+    a("--log-interval", type=int, help="iterations between progress lines")
+    a("--eval-interval", type=int, help="iterations between validation figures")
+    a("--ckpt-interval", type=int, help="iterations between checkpoints (and one at the end)")
+    return p
+
+
+def parse_config(argv=None):
+    """Parse and check every flag before anything is written; a bad value stops with one sentence."""
+    p = build_parser()
+    cfg = p.parse_args(argv)
+    for key, value in PRESETS[cfg.preset].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    for name in ("steps", "train_steps", "channel_mult", "attn_res"):
+        text = str(getattr(cfg, name))
+        try:
+            setattr(cfg, name, [int(s) for s in text.split(",") if s.strip()])
+        except ValueError:
+            p.error(f"--{name.replace('_', '-')} {text!r}: give whole numbers separated by commas, e.g. 1,2,2")
+    for name in ("steps", "train_steps"):
+        if not getattr(cfg, name) or min(getattr(cfg, name)) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: every step count must be a positive whole number")
+    if not 1 <= len(cfg.channel_mult) <= 4 or min(cfg.channel_mult) < 1:
+        p.error(f"--channel-mult {cfg.channel_mult}: give 1 to 4 positive multipliers (32 x 32 down to 4 x 4)")
+    for name, low in [("channels", 4), ("num_res_blocks", 1), ("embed_dim", 1), ("latent_dim", 1), ("max_iters", 0),
+                      ("batch_size", 1), ("grad_accum", 1), ("warmup_iters", 0), ("kl_warmup", 0), ("num_samples", 1),
+                      ("sample_batch", 1), ("num_eval", 1), ("eval_batch", 1), ("iw_samples", 1), ("val_images", 1),
+                      ("fid", 0), ("log_interval", 1), ("eval_interval", 1), ("ckpt_interval", 1)]:
+        if getattr(cfg, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
+    if cfg.channels % 4:
+        p.error(f"--channels must be a multiple of 4 (group normalisation), got {cfg.channels}")
+    if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or not 0 <= cfg.kl_start <= 1 or not 0 <= cfg.dropout < 1:
+        p.error("--lr must be positive, --ema and --dropout in [0, 1) and --kl-start in [0, 1]")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % (world * cfg.grad_accum):
+        p.error(f"--batch-size {cfg.batch_size} must split evenly over {world} process(es) x --grad-accum "
+                f"{cfg.grad_accum} micro-batches")
+    if cfg.fid > cfg.num_samples:
+        p.error(f"--fid {cfg.fid} needs as many samples: raise --num-samples (now {cfg.num_samples})")
+    if cfg.eval_only + cfg.sample_only + cfg.resume > 1:
+        p.error("choose at most one of --resume, --eval-only and --sample-only")
+    if cfg.data is not None:
+        missing = [f for f in TRAIN_FILES + [TEST_FILE] if not os.path.isfile(os.path.join(cfg.data, f))]
+        if missing:
+            p.error(f"--data {cfg.data}: no {missing[0]} there; give the folder that holds the extracted "
+                    f"CIFAR-10 binary batches (cifar-10-batches-bin), or leave --data out to download them")
+    if cfg.fid_weights is not None and not os.path.isfile(cfg.fid_weights):
+        p.error(f"--fid-weights {cfg.fid_weights}: no such file")
+    try:
+        cfg.device = str(common.pick_device(cfg.device))
+    except (ValueError, RuntimeError) as e:
+        p.error(str(e))
+    cuda = cfg.device.startswith("cuda")
+    cfg.dtype = cfg.dtype or ("bfloat16" if cuda else "float32")
+    cfg.compile = cuda if cfg.compile is None else cfg.compile
+    for folder in (cfg.out_dir, cfg.cache_dir):
+        blocker = next((q for q in _ancestors(folder) if os.path.exists(q) and not os.path.isdir(q)), None)
+        if blocker:
+            p.error(f"cannot create folder {folder!r}: {blocker!r} is a file, not a folder; choose another path")
+    return cfg
+
+
+def _ancestors(path):
+    path = os.path.abspath(path)
+    while True:
+        yield path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: CIFAR-10's binary batches, parsed with numpy (no pickle is ever loaded)
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
+TEST_FILE = "test_batch.bin"
+RECORD = 1 + 3072  # one label byte, then 1024 red, 1024 green and 1024 blue bytes, row-major
+
+
+def read_batch(path):
+    """One binary batch: (images uint8 (n, 32, 32, 3), labels uint8 (n,))."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % RECORD:
+        raise SystemExit(f"{path} holds {raw.size} bytes, not a whole number of {RECORD}-byte CIFAR-10 records: "
+                         f"it is truncated or not a binary batch; delete it and download the data again")
+    records = raw.reshape(-1, RECORD)
+    if records[:, 0].max() > 9:
+        raise SystemExit(f"{path} has labels above 9: it is not a CIFAR-10 binary batch")
+    return records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), records[:, 0].copy()
+
+
+def cifar_folder(cfg):
+    """The folder of binary batches: --data, or the cache, downloading the archive once and checking its md5.
+    A failed, partial or corrupt download is deleted, so nothing broken is ever cached."""
+    if cfg.data is not None:
+        return cfg.data
+    folder = os.path.join(cfg.cache_dir, "cifar-10-batches-bin")
+    if all(os.path.isfile(os.path.join(folder, f)) for f in TRAIN_FILES + [TEST_FILE]):
+        return folder
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+    archive, unpacked = f"{folder}.tar.gz.tmp{os.getpid()}", f"{folder}.tmp{os.getpid()}"
+    try:
+        print(f"downloading {CIFAR_URL} (163 MB) into {cfg.cache_dir}", flush=True)
+        try:
+            urllib.request.urlretrieve(CIFAR_URL, archive)
+        except OSError as e:
+            raise SystemExit(f"cannot download {CIFAR_URL} ({e}): check the network, or pass --data DIR with "
+                             f"the extracted binary batches")
+        md5 = hashlib.md5()
+        with open(archive, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                md5.update(block)
+        if md5.hexdigest() != CIFAR_MD5:
+            raise SystemExit(f"the download of {CIFAR_URL} is corrupt or partial (md5 {md5.hexdigest()}, expected "
+                             f"{CIFAR_MD5}); it was deleted: run again")
+        os.makedirs(unpacked)
+        with tarfile.open(archive, "r:gz") as tar:  # only the six known members, by name: no path tricks
+            for name in TRAIN_FILES + [TEST_FILE]:
+                with tar.extractfile(f"cifar-10-batches-bin/{name}") as src, open(os.path.join(unpacked, name), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        os.replace(unpacked, folder)
+        return folder
+    finally:  # whatever happened, no partial archive or folder stays in the cache
+        shutil.rmtree(unpacked, ignore_errors=True)
+        if os.path.exists(archive):
+            os.remove(archive)
+
+
+def load_cifar(cfg):
+    """(train, val, test) uint8 arrays (n, 32, 32, 3); val is carved from the training images with a fixed
+    permutation, the same for every --seed."""
+    folder = cifar_folder(cfg)
+    train = np.concatenate([read_batch(os.path.join(folder, f))[0] for f in TRAIN_FILES])
+    test = read_batch(os.path.join(folder, TEST_FILE))[0]
+    if cfg.val_images >= len(train):
+        raise SystemExit(f"--val-images {cfg.val_images} leaves none of the {len(train)} training images to train on")
+    order = np.random.default_rng(12345).permutation(len(train))
+    return train[order[cfg.val_images:]], train[order[:cfg.val_images]], test
+
+
+def draw_batch(images, n, rng, flip):
+    """n training images drawn with replacement (as nanoGPT draws its offsets), half of them mirrored."""
+    x0 = images[rng.integers(0, len(images), n)]
+    if flip:
+        mirror = rng.random(n) < 0.5
+        x0[mirror] = x0[mirror, :, ::-1]
+    return torch.from_numpy(x0).long()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks: a DDPM-style UNet whose residual blocks are modulated by a conditioning vector (time and/or z)
+
+def group_norm(channels):
+    return nn.GroupNorm(math.gcd(32, channels // 4) or 1, channels)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convolutions with a skip; the second normalisation is scaled and shifted by the conditioning
+    vector c (as the paper's UNet does with time + MLP(z)), zero-initialised so a fresh block ignores c."""
+
+    def __init__(self, c_in, c_out, cond_width=0, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.modulation = nn.Linear(cond_width, 2 * c_out) if cond_width else None
+        for layer in [self.conv2] + ([self.modulation] if self.modulation is not None else []):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, c=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.modulation is not None:
+            scale, shift = self.modulation(c)[:, :, None, None].chunk(2, 1)
+            h = h * (1 + scale) + shift
+        return self.skip(x) + self.conv2(self.dropout(F.silu(h)))
+
+
+class Attention(nn.Module):
+    """Self-attention over the pixels of one resolution, heads of 64 channels (scaled_dot_product_attention)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.heads = max(1, channels // 64)
+        self.norm, self.qkv = group_norm(channels), nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x, c=None):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class SubPixelEmbedding(nn.Module):
+    """Each sub-pixel value has its own learned vector, one table per colour channel (values 0..V-1 and, with
+    `mask`, [M] = V), and a pixel's three vectors are concatenated (as MD4 does): tokens (B, 32, 32, 3) ->
+    features (B, 3 * dim, 32, 32)."""
+
+    def __init__(self, dim, mask=True):
+        super().__init__()
+        self.rows = V + 1 if mask else V
+        self.table = nn.Embedding(3 * self.rows, dim)
+
+    def forward(self, tokens):
+        h = self.table(tokens + self.rows * torch.arange(3, device=tokens.device))  # (B, H, W, 3, dim)
+        return h.flatten(3).permute(0, 3, 1, 2)
+
+
+class Encoder(nn.Module):
+    """The UNet's downsampling path: `num_res_blocks` residual blocks per resolution (attention where asked),
+    a stride-2 convolution between resolutions. Returns every intermediate map for the skips."""
+
+    def __init__(self, cfg, c_in, cond_width):
+        super().__init__()
+        ch = cfg.channels
+        self.conv_in = nn.Conv2d(c_in, ch, 3, padding=1)
+        self.layers, self.channels, c, res = nn.ModuleList(), [ch], ch, 32
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                self.layers.append(ResBlock(c, ch * mult, cond_width, cfg.dropout))
+                c = ch * mult
+                if res in cfg.attn_res:
+                    self.layers.append(Attention(c))
+                self.channels.append(c)
+            if level < len(cfg.channel_mult) - 1:
+                self.layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                self.channels.append(c)
+                res //= 2
+        self.out_channels, self.out_res = c, res
+
+    def forward(self, x, c=None):
+        hs = [self.conv_in(x)]
+        for layer in self.layers:
+            if isinstance(layer, Attention):
+                hs[-1] = layer(hs[-1])
+            else:
+                hs.append(layer(hs[-1], c) if isinstance(layer, ResBlock) else layer(hs[-1]))
+        return hs
+
+
+class Denoiser(nn.Module):
+    """mu_theta(x0 | x_t, z, t): UNet over the embedded sub-pixels ([M] has its own vectors), 256 logits per
+    sub-pixel, so [M] is never predicted. The conditioning vector, an optional time embedding plus an MLP
+    of z (VADD), modulates every residual block."""
+
+    def __init__(self, cfg, latent_dim=0):
+        super().__init__()
+        ch, self.time_cond = cfg.channels, cfg.time_cond
+        cond = 4 * ch if (latent_dim or cfg.time_cond) else 0
+        self.time = nn.Sequential(nn.Linear(ch, cond), nn.SiLU(), nn.Linear(cond, cond)) if cfg.time_cond else None
+        self.latent = nn.Sequential(nn.Linear(latent_dim, cond), nn.SiLU(), nn.Linear(cond, cond)) if latent_dim else None
+        self.embed = SubPixelEmbedding(cfg.embed_dim)
+        self.encoder = Encoder(cfg, 3 * cfg.embed_dim, cond)
+        c, res = self.encoder.out_channels, self.encoder.out_res
+        self.middle = nn.ModuleList([ResBlock(c, c, cond, cfg.dropout), Attention(c), ResBlock(c, c, cond, cfg.dropout)])
+        self.decoder, skips = nn.ModuleList(), list(self.encoder.channels)
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for _ in range(cfg.num_res_blocks + 1):
+                self.decoder.append(ResBlock(c + skips.pop(), ch * mult, cond, cfg.dropout))
+                c = ch * mult
+                if res in cfg.attn_res:
+                    self.decoder.append(Attention(c))
+            if level:
+                self.decoder.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
+                res *= 2
+        # a per-pixel readout (1x1, like a transformer's output layer): a 3x3 convolution to 768 channels
+        # would cost as much as the rest of a small UNet
+        self.out = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, 3 * V, 1))
+        nn.init.zeros_(self.out[-1].weight)  # a fresh denoiser is uniform: NELBO = D log V
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, xt, t=None, z=None):
+        c = None
+        if self.time is not None:
+            half = self.time[0].in_features // 2
+            freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=xt.device) / half)
+            angles = 1000 * t.float()[:, None] * freqs
+            c = self.time(torch.cat([angles.sin(), angles.cos()], 1))
+        if self.latent is not None:
+            c = self.latent(z) if c is None else c + self.latent(z)
+        hs = self.encoder(self.embed(xt), c)
+        h = hs[-1]
+        for layer in self.middle:
+            h = layer(h, c)
+        for layer in self.decoder:
+            if isinstance(layer, ResBlock):
+                h = layer(torch.cat([h, hs.pop()], 1), c)
+            else:
+                h = layer(h)
+        B = xt.shape[0]
+        return self.out(h).view(B, 3, V, 32, 32).permute(0, 3, 4, 1, 2)  # (B, 32, 32, 3, V), like the tokens
+
+
+class Recognition(nn.Module):
+    """r_phi(z | x0, x_t) = N(mean, diag exp(logvar)): the same UNet family ("siamese") over the embedded
+    clean x0 and the mask map of x_t, which together carry what (x0, x_t) does; the encoder path, averaged
+    over pixels. Zero-initialised output: r starts at the prior and the KL at 0."""
+
+    def __init__(self, cfg, latent_dim):
+        super().__init__()
+        self.embed = SubPixelEmbedding(cfg.embed_dim, mask=False)
+        self.encoder = Encoder(cfg, 3 * cfg.embed_dim + 3, 0)
+        c = self.encoder.out_channels
+        self.head = nn.Sequential(group_norm(c), nn.SiLU())
+        self.out = nn.Linear(c, 2 * latent_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x0, masked):
+        h = torch.cat([self.embed(x0), masked.permute(0, 3, 1, 2).float()], 1)
+        h = self.head(self.encoder(h)[-1]).mean((2, 3))
+        return self.out(h).float().chunk(2, -1)
+
+
+class Model(nn.Module):
+    """The denoiser and, for VADD, the recognition model: one module, so one optimizer, EMA, checkpoint and
+    DDP wrapper (whose forward is the training loss)."""
+
+    def __init__(self, cfg, method):
+        super().__init__()
+        self.latent_dim = cfg.latent_dim if method == "vadd" else 0
+        self.schedule = common.Schedule(cfg.schedule)
+        self.objective, self.train_steps = cfg.objective, cfg.train_steps
+        self.denoiser = Denoiser(cfg, self.latent_dim)
+        self.recognition = Recognition(cfg, self.latent_dim) if self.latent_dim else None
+
+    def denoise(self, xt, t, z):  # the signature common.py's estimators call
+        return self.denoiser(xt, t, z)
+
+    def forward(self, x0, kl_weight):
+        if self.objective == "steps":
+            return steps_objective(self, x0, kl_weight)
+        return delbo(self, x0, self.schedule, kl_weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Objectives: the paper's DELBO (REFERENCE.md section 2; MDM's NELBO is the same without z), and the valid
+# bound of the K-step sampler (section 3b, --objective steps)
+
+def delbo(model, x0, schedule, kl_weight):
+    """Per image, in nats: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
+    t drawn low-discrepancy, x_t ~ q(x_t | x0), z ~ r reparameterised. Returns (loss, kl) per image; the KL,
+    unweighted by w(t), is logged to watch for posterior collapse."""
+    t = common.sample_times(x0.shape[0], device=x0.device)
+    xt = common.forward_mask(x0, schedule.alpha(t), MASK)
+    masked = xt == MASK
+    z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
+    if model.recognition is not None:
+        mean, logvar = model.recognition(x0, masked)
+        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
+    nll = common.masked_nll(model.denoiser(xt, t, z), x0, masked)
+    return schedule.weight(t) * (nll + kl_weight * kl), kl
+
+
+def steps_objective(model, x0, kl_weight):
+    """Per image: the valid bound of the K-step consistency sampler as a loss (REFERENCE.md section 3b):
+    z ~ r(z | x0, everything masked) once, K drawn from --train-steps and one step of the K-step grid drawn per
+    image (common.steps_loss), plus kl_weight * KL once, not weighted by w(t). MDM: the same bound without z."""
+    z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
+    if model.recognition is not None:
+        mean, logvar = model.recognition(x0, torch.ones_like(x0, dtype=torch.bool))
+        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
+    nll = common.steps_loss(x0, model.denoise, model.schedule, MASK, model.train_steps, z)
+    return nll + kl_weight * kl, kl
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Samplers: start from all-[M], T reverse steps on the grid t_i = i/T (common.reverse_step), in batches
+
+@torch.no_grad()
+def sample(model, num, T, sampler, batch_size, dtype="float32"):
+    """sampler 'mdm': no z; 'vadd' (vanilla): a fresh z ~ N(0, I) at every step; 'vadd_cs' (consistency):
+    one z per image for all steps. The denoiser runs only on images that still hold a [M] and whose input
+    changed since its last call (MDM and VADD-CS without time input) or, for the vanilla sampler, got a new z.
+    Returns (uint8 images (num, 32, 32, 3), network evaluations per image)."""
+    device = next(model.parameters()).device
+    reuse = sampler != "vadd" and not model.denoiser.time_cond
+    images, evaluations = [], 0
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        xt = torch.full((n, *SHAPE), MASK, dtype=torch.long, device=device)
+        logits = torch.empty(n, *SHAPE, V, device=device)
+        z = torch.randn(n, model.latent_dim, device=device) if sampler == "vadd_cs" else None
+        stale = torch.ones(n, dtype=torch.bool, device=device)
+        for i in range(T, 0, -1):
+            if sampler == "vadd":
+                z = torch.randn(n, model.latent_dim, device=device)
+            t = torch.full((n,), i / T, device=device)
+            rows = ((stale | (not reuse)) & (xt == MASK).flatten(1).any(1)).nonzero().squeeze(1)
+            if len(rows):
+                with common.autocast(device, dtype):
+                    logits[rows] = model.denoiser(xt[rows], t[rows], None if z is None else z[rows]).float()
+                evaluations += len(rows)
+            alpha_t, alpha_s = model.schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64))
+            xs = common.reverse_step(xt, logits, alpha_t, alpha_s, MASK)
+            stale, xt = (xs != xt).flatten(1).any(1), xs
+        assert not (xt == MASK).any(), "alpha = 1 at s = 0 reveals every position on the last step"
+        images.append(xt.to(torch.uint8).cpu())
+    return torch.cat(images).numpy(), evaluations / num
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: held-out likelihoods in bits per dimension, FID through torchmetrics
+
+BPD = 1 / (D * math.log(2))  # nats per image -> bits per sub-pixel
+
+
+def mean_se(x):
+    x = x.double()
+    return float(x.mean()) * BPD, float(x.std() / math.sqrt(len(x))) * BPD if len(x) > 1 else 0.0
+
+
+@torch.no_grad()
+def likelihoods(model, x0, cfg, rank=0, world=1):
+    """Test figures in bits per dimension, each with its standard error: the continuous-time NELBO (MDM) or
+    DELBO and its importance-weighted version (VADD; comparison figures, not bounds), and the valid T-step
+    bound of each sampler at every step count (the unbiased one-random-step estimate: one network call per
+    image). Each rank takes every world-th image; the per-image values are gathered."""
+    device, schedule = torch.device(cfg.device), model.schedule
+    vadd = model.recognition is not None
+    figures = {"delbo" if vadd else "mdm_nelbo": []}
+    if vadd:
+        figures["iw_delbo"] = []
+    samplers = ["vadd", "vadd_cs"] if vadd else ["mdm"]
+    figures.update({(s, T): [] for s in samplers for T in cfg.steps})
+    mine = x0[rank::world]
+    for start in range(0, len(mine), cfg.eval_batch):
+        x = mine[start:start + cfg.eval_batch].to(device)
+        with common.autocast(device, cfg.dtype):
+            figures["delbo" if vadd else "mdm_nelbo"].append(delbo(model, x, schedule, 1.0)[0])
+            if vadd:
+                figures["iw_delbo"].append(common.iw_delbo(x, model.denoise, model.recognition, schedule, MASK,
+                                                           cfg.iw_samples))
+            for s in samplers:
+                for T in cfg.steps:
+                    figures[(s, T)].append(common.step_bound(x, model.denoise, schedule, MASK, T, model.recognition, s))
+    return {k: mean_se(gather(torch.cat(v).float(), world)) for k, v in figures.items()}
+
+
+def gather(x, world):
+    """Every rank's x concatenated along dim 0 in rank order (ranks may hold different counts)."""
+    if world == 1:
+        return x.cpu()
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    padded = torch.zeros(int(max(sizes)), *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)]).cpu()
+
+
+def fid_metric(cfg):
+    """torchmetrics' FrechetInceptionDistance, with torch-fidelity's port of the TensorFlow Inception and its
+    resizing (antialias off), so figures compare with published FIDs. Imported only here; built before any
+    training so that a missing package or unreachable weights stop the run at once."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except Exception as e:  # torch-fidelity imports torchvision, which fails to import against another torch
+        raise SystemExit(f"--fid needs torchmetrics and torch-fidelity (pip install torchmetrics torch-fidelity, "
+                         f"with the torchvision build that matches your torch); importing them failed: {e}")
+    try:
+        return FrechetInceptionDistance(feature=2048, reset_real_features=False, antialias=False,
+                                        feature_extractor_weights_path=cfg.fid_weights, sync_on_compute=False)
+    except ModuleNotFoundError as e:
+        raise SystemExit(f"--fid needs torch-fidelity as well as torchmetrics: pip install torch-fidelity ({e})")
+    except Exception as e:
+        raise SystemExit(f"--fid could not load the Inception weights ({e.__class__.__name__}: {e}): on a machine "
+                         f"without the network, copy torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                         f"and pass --fid-weights PATH")
+
+
+def fid_update(metric, images, real, batch=500):
+    device = metric.device
+    for start in range(0, len(images), batch):
+        chunk = torch.as_tensor(np.ascontiguousarray(images[start:start + batch])).permute(0, 3, 1, 2)
+        metric.update(chunk.to(device), real=real)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+
+def pyplot():
+    """matplotlib without a display, imported only when plotting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def tile(images, cols):
+    """A grid of images (n, 32, 32, 3) with a 2-pixel white border, as one uint8 picture."""
+    rows = math.ceil(len(images) / cols)
+    grid = np.full((rows * 34 + 2, cols * 34 + 2, 3), 255, np.uint8)
+    for k, im in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[2 + 34 * r:34 * (r + 1), 2 + 34 * c:34 * (c + 1)] = im
+    return grid
+
+
+def plot_overview(path, cfg, data, samples):
+    """Rows: test images and each sampler; columns: step counts; each cell 16 images."""
+    plt = pyplot()
+    rows = ["data"] + [s for s in SAMPLERS if any(k[0] == s for k in samples)]
+    fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(2 * len(cfg.steps), 2.1 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, T in enumerate(cfg.steps):
+            images = data[16 * c:] if row == "data" and data is not None else samples.get((row, T))
+            if images is not None:
+                axes[r, c].imshow(tile(images[:16], 4))
+            axes[r, c].axis("off")
+            if r == 0:
+                axes[r, c].set_title(f"T = {T}", fontsize=9)
+            if c == 0:
+                axes[r, c].text(-0.08, 0.5, "data" if row == "data" else SAMPLERS[row].split(" (")[0],
+                                rotation=90, va="center", ha="right", transform=axes[r, c].transAxes, fontsize=9)
+    fig.suptitle("CIFAR-10: samples after T denoising steps", fontsize=10)
+    save(fig, path)
+
+
+def plot_by_steps(path, rows):
+    """The valid T-step bound (bpd) and, when computed, FID against the number of steps."""
+    plt = pyplot()
+    panels = [("bound", "valid T-step bound (bits per dim)")]
+    panels += [("fid", "FID")] if any("fid" in r for r in rows) else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for sampler, name in SAMPLERS.items():
+            pts = sorted((r["steps"], r[key]) for r in rows if r["sampler"] == sampler and key in r)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log"), ax.set_xlabel("denoising steps T"), ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def plot_training(path, histories):
+    """Loss (bpd) of each method with its validation figure; KL and lambda of VADD (a KL at 0 is collapse)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for method, (history, val) in histories.items():
+        h = np.asarray(history).reshape(-1, 4)
+        line, = axes[0].plot(h[:, 0], h[:, 1], label=f"{method} train")
+        if val:
+            axes[0].plot(*zip(*val), marker="o", ls="--", color=line.get_color(), label=f"{method} validation (EMA)")
+        if method == "vadd":
+            axes[1].plot(h[:, 0], h[:, 2])
+            axes[2].plot(h[:, 0], h[:, 3])
+    titles = ["loss (MDM NELBO; VADD DELBO at lambda), bits per dim", "VADD: KL(r || p), nats per image", "VADD: lambda"]
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
+    axes[0].legend(fontsize=7)
+    save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+def train(cfg, method, data, ckpt=None, rank=0, world=1):
+    """Train one method (from a checkpoint if given) on every rank; returns the model with its EMA weights
+    loaded and the histories (training curve, validation figures)."""
+    device, main_rank = torch.device(cfg.device), rank == 0
+    train_images, val_images = data[0], torch.from_numpy(data[1]).long()
+    common.seed_everything(cfg.seed)  # same initialisation on every rank and for both methods
+    model = Model(cfg, method).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    ema = common.EMA(model, cfg.ema)
+    rng = np.random.default_rng([cfg.seed, rank])  # each rank draws different data
+    torch.manual_seed(cfg.seed + 1000 * rank)  # ... and different times, masks and z
+    start, history, val_history = 0, [], []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        ema.load_state_dict(ckpt["ema"])
+        start, history, val_history = ckpt["iter"], [tuple(h) for h in ckpt["history"]], [tuple(v) for v in ckpt["val"]]
+        if world == 1:  # the run continues exactly; under DDP only rank 0's state was saved: reseed the others
+            rng.bit_generator.state = ckpt["rng"]
+            torch.set_rng_state(ckpt["torch_rng"])
+            if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        else:
+            rng, _ = np.random.default_rng([cfg.seed, rank, start]), torch.manual_seed(cfg.seed + 1000 * rank + start)
+        if main_rank:
+            print(f"[{method}] resumed from ckpt_{method}.pt at iteration {start}")
+    ddp = step_model = model
+    if world > 1:
+        ddp = step_model = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+    evaluator = copy.deepcopy(model).eval()  # holds the EMA weights for validation
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    if main_rank:
+        counts = {name: sum(p.numel() for p in part.parameters()) / 1e6 for name, part in model.named_children()}
+        print(f"[{method}] parameters: " + ", ".join(f"{k} {v:.2f}M" for k, v in counts.items())
+              + f"; {cfg.max_iters} iterations of {cfg.batch_size} images ({world} x {cfg.grad_accum} x {micro})")
+    t0, curve, log = time.time(), np.zeros(3), np.zeros(3)  # (loss, KL, count) since the last point / log line
+    for it in range(start, cfg.max_iters):
+        lr = cfg.lr * min(1.0, (it + 1) / max(1, cfg.warmup_iters))
+        lr *= 0.55 + 0.45 * math.cos(math.pi * it / cfg.max_iters)  # cosine decay to lr / 10
+        for group in opt.param_groups:
+            group["lr"] = lr
+        lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
+        loss_sum, kl_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        for k in range(cfg.grad_accum):
+            x0 = draw_batch(train_images, micro, rng, cfg.flip).to(device, non_blocking=True)
+            sync = world > 1 and k < cfg.grad_accum - 1  # DDP all-reduces the gradients on the last micro-batch only
+            with ddp.no_sync() if sync else contextlib.nullcontext():
+                with common.autocast(device, cfg.dtype):
+                    loss, kl = step_model(x0, lam)
+                loss = loss.mean() / D  # nats per sub-pixel: a scale that suits Adam and clipping
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+            kl_sum += kl.detach().mean() / cfg.grad_accum
+        if world > 1:
+            dist.all_reduce(loss_sum), dist.all_reduce(kl_sum)
+            loss_sum, kl_sum = loss_sum / world, kl_sum / world
+        loss_bpd, kl_nats = loss_sum.item() / math.log(2), kl_sum.item()
+        if not math.isfinite(loss_bpd):
+            raise SystemExit(f"[{method}] the loss became {loss_bpd} at iteration {it}: lower --lr "
+                             f"(now {cfg.lr}); checkpoints already written are kept")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+        curve += (loss_bpd, kl_nats, 1)  # one batch is noisy (w(t) = 1/t): report means
+        log += (loss_bpd, kl_nats, 1)
+        last = it == cfg.max_iters - 1
+        if (it + 1) % max(1, cfg.log_interval // 5) == 0 or last:
+            history.append((it + 1, float(curve[0] / curve[2]), float(curve[1] / curve[2]), lam))
+            curve[:] = 0
+        if main_rank and ((it + 1) % cfg.log_interval == 0 or last):
+            speed = (it + 1 - start) * cfg.batch_size / (time.time() - t0)
+            eta, (loss_avg, kl_avg) = (cfg.max_iters - it - 1) * cfg.batch_size / speed, log[:2] / log[2]
+            print(f"[{method}] iter {it + 1:7d}/{cfg.max_iters} | loss {loss_avg:6.3f} bpd | kl {kl_avg:7.2f} "
+                  f"| lambda {lam:4.2f} | {speed:7.1f} img/s | eta {eta:6.0f}s", flush=True)
+            log[:] = 0
+        if (it + 1) % cfg.eval_interval == 0 or last:
+            ema.copy_to(evaluator)
+            with torch.no_grad(), common.autocast(device, cfg.dtype):
+                per_image = [delbo(evaluator, x.to(device), evaluator.schedule, 1.0)[0]
+                             for x in val_images[rank::world].split(cfg.eval_batch)]
+            val_bpd = mean_se(gather(torch.cat(per_image).float(), world))[0]
+            val_history.append((it + 1, val_bpd))
+            if main_rank:
+                print(f"[{method}] iter {it + 1:7d} | validation {'DELBO' if method == 'vadd' else 'NELBO'} "
+                      f"{val_bpd:.4f} bpd (EMA weights, lambda 1)", flush=True)
+        if main_rank and ((it + 1) % cfg.ckpt_interval == 0 or last):
+            common.save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                                "iter": it + 1, "config": arch_config(cfg, method), "history": history,
+                                "val": val_history, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                               os.path.join(cfg.out_dir, f"ckpt_{method}.pt"))
+    ema.copy_to(model)
+    return model.eval(), (history, val_history)
+
+
+ARCH_KEYS = ("channels", "channel_mult", "num_res_blocks", "attn_res", "dropout", "embed_dim", "time_cond",
+             "latent_dim", "schedule", "objective", "train_steps")
+
+
+def arch_config(cfg, method):
+    return {"method": method, **{k: getattr(cfg, k) for k in ARCH_KEYS}}
+
+
+def read_checkpoint(cfg, method):
+    """The checkpoint to continue from (--resume) or to evaluate (--eval-only, --sample-only), else None;
+    a missing, unreadable or incompatible one stops the run before anything is written."""
+    path = os.path.join(cfg.out_dir, f"ckpt_{method}.pt")
+    needed = cfg.eval_only or cfg.sample_only
+    if not (cfg.resume or needed) or not (os.path.exists(path) or needed):
+        return None
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} does not exist: train first (without --eval-only / --sample-only) or point "
+                         f"--out-dir at the folder that holds it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"cannot read {path} ({e.__class__.__name__}): delete it or choose another --out-dir")
+    if ckpt.get("config") != arch_config(cfg, method):
+        raise SystemExit(f"{path} was trained with {ckpt.get('config')}, not {arch_config(cfg, method)}: "
+                         f"pass the same flags, or another --out-dir to start afresh")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
+    checkpoints = {method: read_checkpoint(cfg, method) for method in methods}
+    fid = fid_metric(cfg) if cfg.fid and int(os.environ.get("RANK", 0)) == 0 else None  # rank 0 scores samples
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # torchrun: one process per GPU (NCCL), or per CPU process group (gloo)
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(cfg.device)
+    rank = dist.get_rank() if world > 1 else 0
+    main_rank = rank == 0
+    need_data = not cfg.sample_only or cfg.fid
+    if need_data and world > 1 and rank > 0:
+        dist.barrier()  # rank 0 downloads into the cache first, the others then read it
+    data = load_cifar(cfg) if need_data else None
+    if need_data and world > 1 and rank == 0:
+        dist.barrier()
+    if main_rank:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    if world > 1:
+        dist.barrier()
+    run_start = time.time()
+    if fid is not None:  # reference statistics of the training set, once for every sampler and step count
+        fid = fid.to(cfg.device)
+        fid_update(fid, np.concatenate([data[0], data[1]]), real=True)
+
+    likelihood, rows, samples, histories = {}, [], {}, {}
+    for method in methods:
+        if cfg.eval_only or cfg.sample_only:  # the checkpoint's EMA weights
+            model, ckpt = Model(cfg, method), checkpoints[method]
+            model.load_state_dict(ckpt["ema"]["params"])
+            model, histories[method] = model.to(cfg.device).eval(), (ckpt["history"], ckpt["val"])
+        else:
+            model, histories[method] = train(cfg, method, data, checkpoints[method], rank, world)
+        bounds = {}
+        if not cfg.sample_only:
+            common.seed_everything(cfg.seed + 3 + 1000 * rank)
+            test = torch.from_numpy(data[2][:cfg.num_eval]).long()
+            figures = likelihoods(model, test, cfg, rank, world)
+            for key in ("mdm_nelbo", "delbo", "iw_delbo"):
+                if key in figures:
+                    likelihood[key], likelihood[key + "_se"] = figures[key]
+            if "iw_delbo" in figures:
+                likelihood["iw_samples"] = cfg.iw_samples
+            bounds = {k: v for k, v in figures.items() if isinstance(k, tuple)}
+        for sampler in (["mdm"] if method == "mdm" else ["vadd", "vadd_cs"]):
+            for T in cfg.steps:
+                common.seed_everything(cfg.seed + 4 + 1000 * rank)
+                t0 = time.time()
+                mine = len(range(rank, cfg.num_samples, world))
+                images, nfe = sample(model, mine, T, sampler, cfg.sample_batch, cfg.dtype)
+                images = gather(torch.from_numpy(images).to(cfg.device), world).numpy()
+                row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe,
+                       "num_samples": len(images)}
+                if (sampler, T) in bounds:
+                    row["bound"], row["bound_se"] = bounds[(sampler, T)]
+                if main_rank:
+                    np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
+                    pyplot().imsave(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), tile(images[:64], 8))
+                    if fid is not None:
+                        fid.reset()  # keeps the training-set statistics (reset_real_features=False)
+                        fid_update(fid, images[:cfg.fid], real=False)
+                        row["fid"], row["fid_samples"] = float(fid.compute()), cfg.fid
+                    print(f"[{method}] {sampler} T={T}: {len(images)} samples in {row['sample_seconds']:.1f}s, "
+                          f"{nfe:.1f} network evaluations per image" + (f", FID {row['fid']:.2f}" if "fid" in row else ""),
+                          flush=True)
+                samples[(sampler, T)] = images
+                rows.append(row)
+    if world > 1:
+        dist.barrier()  # no rank tears gloo/NCCL down while another still has a collective in flight
+        dist.destroy_process_group()
+    if not main_rank:
+        return None
+
+    metrics = {"config": dict(vars(cfg)), "unit": "bits per dimension (sub-pixel); KL in nats per image",
+               "likelihood": likelihood, "by_steps": rows, "seconds": time.time() - run_start}
+    metrics = merge_earlier_run(cfg, metrics, samples)
+    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    plot_overview(os.path.join(cfg.out_dir, "samples.png"), cfg, data[2] if data else None, samples)
+    plot_by_steps(os.path.join(cfg.out_dir, "by_steps.png"), metrics["by_steps"])
+    plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
+    print_table(cfg, metrics)
+    return metrics
+
+
+MODEL_KEYS = ARCH_KEYS + ("preset", "data", "val_images", "flip", "max_iters", "batch_size", "grad_accum", "lr",
+                          "warmup_iters", "weight_decay", "grad_clip", "ema", "kl_warmup", "kl_start", "seed")
+
+
+def merge_earlier_run(cfg, metrics, samples):
+    """Keep earlier results in the folder that belong to models trained with the same flags: the other
+    method's (`--method mdm` then `--method vadd`) and, per (sampler, steps), figures this run did not
+    compute (a --sample-only run keeps the bounds of an earlier evaluation)."""
+    path = os.path.join(cfg.out_dir, "metrics.json")
+    if not os.path.exists(path):
+        return metrics
+    with open(path) as f:
+        old = json.load(f)
+    same = lambda c: {k: c.get(k) for k in MODEL_KEYS}  # noqa: E731
+    if same(old.get("config", {})) != same(metrics["config"]):
+        return metrics
+    rows = {(r["sampler"], r["steps"]): r for r in old["by_steps"]}
+    for r in metrics["by_steps"]:
+        rows[(r["sampler"], r["steps"])] = {**rows.get((r["sampler"], r["steps"]), {}), **r}
+    for key in rows:
+        saved = os.path.join(cfg.out_dir, f"samples_{key[0]}_T{key[1]}.npy")
+        if key not in samples and os.path.exists(saved):
+            samples[key] = np.load(saved)
+    metrics["by_steps"] = list(rows.values())
+    metrics["likelihood"] = {**old["likelihood"], **metrics["likelihood"]}
+    if {r["sampler"] for r in metrics["by_steps"]} >= {"mdm", "vadd"}:
+        metrics["config"]["method"] = "both"
+    return metrics
+
+
+def print_table(cfg, metrics):
+    lik = metrics["likelihood"]
+    print(f"\nCIFAR-10 test figures ({cfg.num_eval} images), bits per dimension:")
+    for key, label in [("mdm_nelbo", "MDM NELBO (bound, continuous time)"), ("delbo", "VADD DELBO (not a bound)"),
+                       ("iw_delbo", f"VADD IW-DELBO, K = {lik.get('iw_samples')} (not a bound)")]:
+        if key in lik:
+            print(f"  {label:45s} {lik[key]:7.4f} +- {lik[key + '_se']:.4f}")
+    print(f"\n{'sampler':8s} {'T':>4s} {'valid bound (bpd)':>19s} {'FID':>7s} {'NFE':>7s} {'sec':>7s}")
+    for r in metrics["by_steps"]:
+        bound = f"{r['bound']:8.4f} +- {r['bound_se']:.4f}" if "bound" in r else "-"
+        fid = f"{r['fid']:7.2f}" if "fid" in r else "-"
+        print(f"{r['sampler']:8s} {r['steps']:4d} {bound:>19s} {fid:>7s} {r['nfe']:7.2f} {r['sample_seconds']:7.1f}")
+    print(f"\nwrote {cfg.out_dir}/ (metrics.json, samples_*.npy, samples_*.png, samples.png, by_steps.png, "
+          f"training.png) in {metrics['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
