@@ -176,16 +176,21 @@ def step_bound_term(x0, denoise, schedule, mask_id, T, i, z=None, recognize=None
     return unmask_probability(alpha_t, alpha_s).float() * nll + kl_term
 
 
-def steps_loss(x0, denoise, schedule, mask_id, train_steps, z=None):
-    """The reconstruction part of the `steps` training objective (REFERENCE.md section 3b), per example: a
-    budget K drawn from `train_steps`, a step i uniform in 1..K, and K * step_bound_term. Its expectation is
-    the summed K-step bound term, so training on it lowers exactly what the K-step sampler is judged by. With
-    one z per example from r(z | x0, everything masked) this is the consistency sampler's bound (the caller
-    adds lambda * KL once); with z None, MDM's."""
+def steps_loss(x0, denoise, schedule, mask_id, train_steps, recognize=None, kl_weight=1.0):
+    """The `steps` training objective (REFERENCE.md section 3b), per example: the valid bound of the K-step
+    consistency sampler as a loss. z ~ r(z | x0, everything masked) is drawn once (reparameterised), a budget K
+    from `train_steps` and a step i uniform in 1..K; the loss is K * step_bound_term + kl_weight * KL(r || p),
+    the KL once and not weighted by w(t). Its expectation is the summed K-step bound, so training on it lowers
+    exactly what the K-step sampler is judged by. recognize None: MDM's K-step bound, no z.
+    Returns (loss, kl) per example, like each script's DELBO."""
     B = x0.shape[0]
+    z, kl = None, torch.zeros(B, device=x0.device)
+    if recognize is not None:
+        mean, logvar = recognize(x0, torch.ones_like(x0, dtype=torch.bool))
+        z, kl = sample_latent(mean, logvar), gaussian_kl(mean, logvar)
     K = torch.tensor(train_steps, device=x0.device)[torch.randint(len(train_steps), (B,), device=x0.device)]
     i = (torch.rand(B, device=x0.device) * K).long().clamp_max(K - 1) + 1
-    return K * step_bound_term(x0, denoise, schedule, mask_id, K, i, z)
+    return K * step_bound_term(x0, denoise, schedule, mask_id, K, i, z) + kl_weight * kl, kl
 
 
 @torch.no_grad()

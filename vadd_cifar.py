@@ -458,14 +458,15 @@ class Model(nn.Module):
         return self.denoiser(xt, t, z)
 
     def forward(self, x0, kl_weight):
-        if self.objective == "steps":
-            return steps_objective(self, x0, kl_weight)
+        if self.objective == "steps":  # the valid bound of the K-step consistency sampler (REFERENCE.md 3b)
+            return common.steps_loss(x0, self.denoise, self.schedule, MASK, self.train_steps, self.recognition,
+                                     kl_weight)
         return delbo(self, x0, self.schedule, kl_weight)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Objectives: the paper's DELBO (REFERENCE.md section 2; MDM's NELBO is the same without z), and the valid
-# bound of the K-step sampler (section 3b, --objective steps)
+# Objective: the paper's DELBO (REFERENCE.md section 2; MDM's NELBO is the same without z). --objective steps
+# trains the valid bound of the K-step sampler instead (section 3b), common.steps_loss
 
 def delbo(model, x0, schedule, kl_weight):
     """Per image, in nats: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
@@ -481,17 +482,6 @@ def delbo(model, x0, schedule, kl_weight):
     nll = common.masked_nll(model.denoiser(xt, t, z), x0, masked)
     return schedule.weight(t) * (nll + kl_weight * kl), kl
 
-
-def steps_objective(model, x0, kl_weight):
-    """Per image: the valid bound of the K-step consistency sampler as a loss (REFERENCE.md section 3b):
-    z ~ r(z | x0, everything masked) once, K drawn from --train-steps and one step of the K-step grid drawn per
-    image (common.steps_loss), plus kl_weight * KL once, not weighted by w(t). MDM: the same bound without z."""
-    z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
-    if model.recognition is not None:
-        mean, logvar = model.recognition(x0, torch.ones_like(x0, dtype=torch.bool))
-        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
-    nll = common.steps_loss(x0, model.denoise, model.schedule, MASK, model.train_steps, z)
-    return nll + kl_weight * kl, kl
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -544,15 +544,18 @@ class Model(nn.Module):
         self.recognition = Recognition(vocab_size, cfg) if self.latent_dim else None
 
     def forward(self, x0, kl_weight):
-        return delbo(self, x0, kl_weight) if self.objective == "delbo" else steps_objective(self, x0, kl_weight)
+        if self.objective == "steps":  # the valid bound of the K-step consistency sampler (REFERENCE.md 3b)
+            return common.steps_loss(x0, self.denoise, self.schedule, self.vocab_size, self.train_steps,
+                                     self.recognition, kl_weight)
+        return delbo(self, x0, kl_weight)
 
     def denoise(self, xt, t, z):  # the signature common.py's estimators call
         return self.denoiser(xt, t, z)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Objectives: the paper's DELBO (REFERENCE.md section 2; MDM's NELBO is the same without z), and the valid
-# bound of the K-step sampler (section 3b, --objective steps)
+# Objective: the paper's DELBO (REFERENCE.md section 2; MDM's NELBO is the same without z). --objective steps
+# trains the valid bound of the K-step sampler instead (section 3b), common.steps_loss
 
 def delbo(model, x0, kl_weight):
     """Per sequence: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
@@ -569,19 +572,6 @@ def delbo(model, x0, kl_weight):
     nll = common.masked_nll(model.denoiser(xt, t, z), x0, masked)
     return schedule.weight(t) * (nll + kl_weight * kl), kl
 
-
-def steps_objective(model, x0, kl_weight):
-    """Per sequence: the valid bound of the K-step consistency sampler as a loss (REFERENCE.md section 3b):
-    z ~ r(z | x0, everything masked) once, K drawn from --train-steps and one step of the K-step grid drawn per
-    sequence (common.steps_loss), plus kl_weight * KL once. Unlike the DELBO, the KL is not weighted by
-    w(t) = 1/t, so the recognition model is not pushed to the prior by the many small-t terms. MDM: the same
-    bound without z."""
-    z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
-    if model.recognition is not None:
-        mean, logvar = model.recognition(x0, torch.ones_like(x0, dtype=torch.bool))
-        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
-    nll = common.steps_loss(x0, model.denoise, model.schedule, model.vocab_size, model.train_steps, z)
-    return nll + kl_weight * kl, kl
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ Read top to bottom: configuration, data, networks, objective, samplers, evaluati
 The method and its pitfalls: REFERENCE.md; shared pieces (schedule, reverse step, bounds): common.py.
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -274,8 +273,8 @@ class Model(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Objectives: the paper's DELBO (REFERENCE.md section 2; MDM's NELBO is the same without z), and the valid
-# bound of the K-step sampler (section 3b, --objective steps)
+# Objective: the paper's DELBO (REFERENCE.md section 2; MDM's NELBO is the same without z). --objective steps
+# trains the valid bound of the K-step sampler instead (section 3b), common.steps_loss
 
 def delbo(model, x0, schedule, kl_weight):
     """Per point: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
@@ -292,17 +291,6 @@ def delbo(model, x0, schedule, kl_weight):
     nll = common.masked_nll(model.denoiser(xt, z), x0, masked)
     return schedule.weight(t) * (nll + kl_weight * kl), kl
 
-
-def steps_objective(model, x0, schedule, kl_weight, train_steps):
-    """Per point: the valid bound of the K-step consistency sampler (REFERENCE.md section 3b) as a loss, with
-    z ~ r(z | x0, everything masked) once per point, K drawn from train_steps and one step of the K-step grid
-    drawn per point (common.steps_loss), plus kl_weight * KL once. MDM: the same bound without z."""
-    z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
-    if model.recognition is not None:
-        mean, logvar = model.recognition(x0, torch.ones_like(x0, dtype=torch.bool))
-        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
-    nll = common.steps_loss(x0, model.denoise, schedule, model.denoiser.bins, train_steps, z)
-    return nll + kl_weight * kl, kl
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -463,7 +451,12 @@ def train(cfg, method, schedule, ckpt=None):
         torch.set_rng_state(ckpt["torch_rng"])
         start, history = ckpt["iter"], [tuple(h) for h in ckpt["history"]]
         print(f"[{method}] resumed from {ckpt_path} at iteration {start}")
-    objective = delbo if cfg.objective == "delbo" else functools.partial(steps_objective, train_steps=cfg.train_steps)
+    def objective(model, x0, schedule, kl_weight):
+        if cfg.objective == "delbo":
+            return delbo(model, x0, schedule, kl_weight)
+        # the valid bound of the K-step consistency sampler (REFERENCE.md section 3b)
+        return common.steps_loss(x0, model.denoise, schedule, cfg.bins, cfg.train_steps, model.recognition, kl_weight)
+
     step_fn = torch.compile(objective) if cfg.compile else objective
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{method}] {n_params / 1e6:.2f}M parameters, {cfg.max_iters} iterations of batch {cfg.batch_size}")

@@ -266,7 +266,7 @@ def test_steps_loss_is_an_unbiased_estimate_of_the_summed_bound(tmp_path):
         kw = dict(denoise=model.denoise, schedule=schedule, mask_id=8, recognize=model.recognition, sampler=sampler)
         for budgets in ([3], [1, 2, 4]):
             with torch.no_grad():
-                loss = toy.steps_objective(model, POINTS.repeat(n, 1), schedule, 1.0, budgets)[0]
+                loss = common.steps_loss(POINTS.repeat(n, 1), model.denoise, schedule, 8, budgets, model.recognition)[0]
             loss = loss.view(n, len(POINTS)).double()
             mean, se = loss.mean(0), loss.std(0) / math.sqrt(n)
             bounds = [bound_stats(POINTS, n, T=K, exact=True, **kw) for K in budgets]
@@ -280,7 +280,7 @@ def test_steps_loss_with_one_step_is_the_vae_bound(tmp_path):
     schedule = common.Schedule("linear")
     mdm = trained(tmp_path / "mdm", "mdm", iters=50)
     with torch.no_grad():  # MDM, K = 1: everything masked, deterministic, the T = 1 bound exactly
-        loss = toy.steps_objective(mdm, POINTS, schedule, 1.0, [1])[0]
+        loss = common.steps_loss(POINTS, mdm.denoise, schedule, 8, [1])[0]
     exact, _ = exact_nll(mdm, POINTS, 1, schedule)
     assert torch.allclose(loss.double(), exact, atol=1e-4)
     vadd = trained(tmp_path / "vadd", "vadd", iters=200)
@@ -288,7 +288,8 @@ def test_steps_loss_with_one_step_is_the_vae_bound(tmp_path):
     forward = vadd.recognition.forward
     vadd.recognition.forward = lambda x0, masked: (masks.append(masked.clone()), forward(x0, masked))[1]
     with torch.no_grad():
-        loss = toy.steps_objective(vadd, POINTS.repeat(4000, 1), schedule, 1.0, [1])[0].view(4000, -1).double()
+        loss = common.steps_loss(POINTS.repeat(4000, 1), vadd.denoise, schedule, 8, [1], vadd.recognition)[0]
+        loss = loss.view(4000, -1).double()
     assert len(masks) == 1 and masks[0].all(), "the recognition model sees x0 with everything masked"
     vadd.recognition.forward = forward
     vae, vae_se = bound_stats(POINTS, 4000, denoise=vadd.denoise, schedule=schedule, mask_id=8,
