@@ -292,7 +292,6 @@ def delbo(model, x0, schedule, kl_weight):
     return schedule.weight(t) * (nll + kl_weight * kl), kl
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # Samplers: start from all-[M], T reverse steps on the grid t_i = i/T (common.reverse_step)
 
