@@ -149,9 +149,18 @@ def reverse_step_probs(xt, logits, alpha_t, alpha_s, mask_id):
 # Likelihood estimators (REFERENCE.md section 3), each a function of a denoiser callable
 
 def masked_nll(logits, x0, masked):
-    """sum over masked positions of -log mu(x0 | x_t), per example; softmax and loss in float32."""
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x0.reshape(-1), reduction="none")
-    return torch.where(masked.reshape(-1), nll, 0.0).view(x0.shape[0], -1).sum(1)
+    """sum over masked positions of -log mu(x0 | x_t), per example; softmax and loss in float32. Run eagerly
+    (evaluation) the float32 cross-entropy is taken at the masked positions only, so a batch of GPT-2 logits
+    is never copied whole to float32; under torch.compile it is taken everywhere and fused (the masked rows
+    have a data-dependent count, which would break the compiled graph)."""
+    V = logits.shape[-1]
+    if torch.compiler.is_compiling():
+        nll = F.cross_entropy(logits.reshape(-1, V).float(), x0.reshape(-1), reduction="none")
+        return torch.where(masked.reshape(-1), nll, 0.0).view(x0.shape[0], -1).sum(1)
+    rows = masked.reshape(-1).nonzero().squeeze(1)
+    nll = F.cross_entropy(logits.reshape(-1, V)[rows].float(), x0.reshape(-1)[rows], reduction="none")
+    example = rows // masked[0].numel()
+    return torch.zeros(x0.shape[0], device=nll.device, dtype=nll.dtype).index_add_(0, example, nll)
 
 
 def step_bound_term(x0, denoise, schedule, mask_id, T, i, z=None, recognize=None):
@@ -221,39 +230,48 @@ def step_bound(x0, denoise, schedule, mask_id, T, recognize=None, sampler="mdm",
 
 
 @torch.no_grad()
-def iw_delbo(x0, denoise, recognize, schedule, mask_id, num_samples, eps=1e-3, chunk=1):
+def iw_delbo(x0, denoise, recognize, schedule, mask_id, num_samples, eps=1e-3, budget=None):
     """Importance-weighted DELBO with K = num_samples draws of z ~ r(z | x0, x_t), per example (one t and x_t
     per example): w(t) * -(logsumexp_k l_k - log K), l_k = log mu(x0 | x_t, z_k) summed over masked positions
     + log p(z_k) - log r(z_k | x0, x_t). K = 1 is the DELBO with the one-sample KL. Like the DELBO it is a
-    comparison figure, not a bound on -log p(x0) (REFERENCE.md section 3). `chunk` draws of z share one
-    network call (the batch repeated), trading memory for speed."""
+    comparison figure, not a bound on -log p(x0) (REFERENCE.md section 3). The K x B (draw, example) pairs go
+    through the denoiser in calls of at most `budget` logits (LOGITS_BUDGET by default); the noise of every
+    z is drawn up front, so the result does not depend on the budget."""
     B = x0.shape[0]
     t = sample_times(B, eps, x0.device)
     xt = forward_mask(x0, schedule.alpha(t), mask_id)
     masked = xt == mask_id
-    mean, logvar = recognize(x0, masked)
-    mean, logvar = mean.float(), logvar.float()
-    log_w = []
-    for k in range(0, num_samples, chunk):
-        c = min(chunk, num_samples - k)
-        rep = lambda a: a.repeat(c, *[1] * (a.dim() - 1))  # noqa: E731 (copies of the batch, one per z)
-        z = sample_latent(rep(mean), rep(logvar))
-        log_lik = -masked_nll(denoise(rep(xt), rep(t), z), rep(x0), rep(masked))
-        log_prior = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-        log_w.append((log_lik + log_prior - gaussian_log_prob(z, rep(mean), rep(logvar))).view(c, B))
-    log_w = torch.cat(log_w).double()  # float64: K in the thousands, weights up to 1/eps
+    mean, logvar = (a.float() for a in recognize(x0, masked))
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(num_samples, *mean.shape, device=x0.device)  # (K, B, d)
+    log_w = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) - gaussian_log_prob(z, mean, logvar)
+    z, log_w = z.flatten(0, 1), log_w.flatten()  # pair j is draw j // B of example j % B
+    for j in torch.arange(num_samples * B, device=x0.device).split(rows_per_call(x0[0].numel(), mask_id, budget)):
+        b = j % B
+        log_w[j] -= masked_nll(denoise(xt[b], t[b], z[j]), x0[b], masked[b])
+    log_w = log_w.view(num_samples, B).double()  # float64: K in the thousands, weights up to 1/eps
     return (schedule.weight(t.double()) * -(torch.logsumexp(log_w, 0) - math.log(num_samples))).float()
+
+
+# Evaluation and sampling call the networks on at most this many logits (tokens x vocabulary) at a time:
+# 0.5 GB in bf16, 1 GB as float32. Windows of 1024 GPT-2 tokens go 5 per call; a 32 x 32 binary image, 131072.
+LOGITS_BUDGET = 2 ** 28
+
+
+def rows_per_call(tokens_per_row, vocab_size, budget=None):
+    """How many examples of `tokens_per_row` tokens over `vocab_size` values fit one call's logit budget."""
+    return max(1, (budget or LOGITS_BUDGET) // (tokens_per_row * vocab_size))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Run utilities: device, precision, seeding, EMA, atomic checkpoints
 
 def pick_device(name="auto"):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    """The device of --device ('auto': CUDA when there is one)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda":  # float32 matmuls (--dtype float32) on TF32 tensor cores: ~8x faster, 10-bit mantissa
+        torch.set_float32_matmul_precision("high")
     return device
 
 
@@ -295,7 +313,10 @@ class EMA:
         return {"decay": self.decay, "steps": self.steps, "params": self.params}
 
     def load_state_dict(self, state):
-        self.decay, self.steps, self.params = state["decay"], state["steps"], state["params"]
+        """Copied into the tensors that live beside the model: a checkpoint read onto the CPU resumes on CUDA."""
+        self.decay, self.steps = state["decay"], state["steps"]
+        for k, v in state["params"].items():
+            self.params[k].copy_(v)
 
     def copy_to(self, model):
         model.load_state_dict(self.params)

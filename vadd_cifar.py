@@ -316,7 +316,8 @@ class Attention(nn.Module):
 
     def forward(self, x, c=None):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        qkv = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2)
+        q, k, v = qkv.contiguous().unbind(1)  # (B, heads, pixels, channels), channels contiguous: the fused kernels
         h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj(h)
 
@@ -506,10 +507,10 @@ def sample(model, num, T, sampler, batch_size, dtype="float32"):
                 z = torch.randn(n, model.latent_dim, device=device)
             t = torch.full((n,), i / T, device=device)
             rows = ((stale | (not reuse)) & (xt == MASK).flatten(1).any(1)).nonzero().squeeze(1)
-            if len(rows):
+            for part in rows.split(common.rows_per_call(D, V)) if len(rows) else ():
                 with common.autocast(device, dtype):
-                    logits[rows] = model.denoiser(xt[rows], t[rows], None if z is None else z[rows]).float()
-                evaluations += len(rows)
+                    logits[part] = model.denoiser(xt[part], t[part], None if z is None else z[part]).float()
+            evaluations += len(rows)
             alpha_t, alpha_s = model.schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64))
             xs = common.reverse_step(xt, logits, alpha_t, alpha_s, MASK)
             stale, xt = (xs != xt).flatten(1).any(1), xs
@@ -543,8 +544,8 @@ def likelihoods(model, x0, cfg, rank=0, world=1):
     samplers = ["vadd", "vadd_cs"] if vadd else ["mdm"]
     figures.update({(s, T): [] for s in samplers for T in cfg.steps})
     mine = x0[rank::world]
-    for start in range(0, len(mine), cfg.eval_batch):
-        x = mine[start:start + cfg.eval_batch].to(device)
+    for x in mine.split(min(cfg.eval_batch, common.rows_per_call(D, V))):
+        x = x.to(device)
         with common.autocast(device, cfg.dtype):
             figures["delbo" if vadd else "mdm_nelbo"].append(delbo(model, x, schedule, 1.0)[0])
             if vadd:
@@ -732,7 +733,7 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1):
             sync = world > 1 and k < cfg.grad_accum - 1  # DDP all-reduces the gradients on the last micro-batch only
             with ddp.no_sync() if sync else contextlib.nullcontext():
                 with common.autocast(device, cfg.dtype):
-                    loss, kl = step_model(x0, lam)
+                    loss, kl = step_model(x0, torch.tensor(lam))  # a tensor: compiled once for every lambda
                 loss = loss.mean() / D  # nats per sub-pixel: a scale that suits Adam and clipping
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach() / cfg.grad_accum

@@ -308,7 +308,8 @@ class Attention(nn.Module):
 
     def forward(self, h, c=None):
         B, C, H, W = h.shape
-        q, k, v = self.qkv(self.norm(h)).view(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        qkv = self.qkv(self.norm(h)).view(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2)
+        q, k, v = qkv.contiguous().unbind(1)  # (B, heads, cells, channels), channels contiguous: the fused kernels
         out = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)
         return h + self.proj(out)
 
@@ -423,7 +424,7 @@ class Recognition(nn.Module):
 
     def forward(self, x0, masked):
         h = self.unet(to_cells(self.embed(x0 + V * masked.long()), self.patch))
-        mean, logvar = self.out(F.silu(self.norm(h)).mean((2, 3))).chunk(2, -1)
+        mean, logvar = self.out(F.silu(self.norm(h)).mean((2, 3))).float().chunk(2, -1)  # z's noise in float32
         return mean, logvar
 
 
@@ -492,11 +493,11 @@ def sample(model, num, T, sampler, cfg):
             if sampler == "vadd" or model.time_cond:
                 stale = torch.ones_like(stale)
             rows = (stale & (xt == MASK).flatten(1).any(1)).nonzero().squeeze(1)
-            if len(rows):
+            for part in rows.split(common.rows_per_call(SIZE * SIZE, V)) if len(rows) else ():
                 with common.autocast(device, cfg.dtype):
-                    t = torch.full((len(rows),), i / T, device=device)
-                    logits[rows] = model.denoise(xt[rows], t, None if z is None else z[rows]).float()
-                evaluations += len(rows)
+                    t = torch.full((len(part),), i / T, device=device)
+                    logits[part] = model.denoise(xt[part], t, None if z is None else z[part]).float()
+            evaluations += len(rows)
             alpha_t, alpha_s = model.schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64))
             xs = common.reverse_step(xt, logits, alpha_t, alpha_s, MASK)
             stale, xt = (xs != xt).flatten(1).any(1), xs
@@ -521,7 +522,7 @@ def likelihoods(model, x0_all, cfg, samplers):
     device, schedule, per = torch.device(cfg.device), model.schedule, {}
     key = "delbo" if model.recognition is not None else "mdm_nelbo"
     for _ in range(cfg.eval_repeats):
-        for x0 in x0_all.split(cfg.eval_batch):
+        for x0 in x0_all.split(min(cfg.eval_batch, common.rows_per_call(SIZE * SIZE, V))):
             x0, figures = x0.to(device), {}
             with common.autocast(device, cfg.dtype):
                 figures[key] = delbo(model, x0, schedule, 1.0)[0]
@@ -667,6 +668,8 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1):
         rng.bit_generator.state = ckpt["rng"]
         if rank == 0:
             torch.set_rng_state(ckpt["torch_rng"])
+            if device.type == "cuda" and ckpt["cuda_rng"] is not None:
+                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         else:  # only rank 0's state is saved: the others draw afresh
             torch.manual_seed(cfg.seed + rank + ckpt["iter"])
         start, history = ckpt["iter"], ckpt["history"]
@@ -689,7 +692,7 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1):
         x0 = train_x[idx].to(device, non_blocking=True)
         lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
         with common.autocast(device, cfg.dtype):
-            loss, kl = step_fn(x0, lam)
+            loss, kl = step_fn(x0, torch.tensor(lam))  # a tensor: compiled once for every lambda
         loss = loss.mean()
         if not torch.isfinite(loss):
             raise SystemExit(f"[{method}] the loss became {loss.item()} at iteration {it}: lower --lr "
@@ -720,7 +723,9 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1):
         if rank == 0 and ((it + 1) % cfg.ckpt_interval == 0 or last):
             common.save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                 "iter": it + 1, "config": arch_config(cfg, method), "history": history,
-                                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, ckpt_path)
+                                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                               ckpt_path)
     ema.copy_to(ema_model)
     return ema_model, history
 

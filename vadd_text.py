@@ -594,13 +594,13 @@ def sample(model, num, T, sampler, cfg):
             if sampler == "vadd":
                 z = torch.randn(b, model.latent_dim, device=device)
             rows = ((xt == V).any(1) & (stale if reuse else True)).nonzero().squeeze(1)
-            if len(rows):
-                t = torch.full((len(rows),), i / T, device=device)
+            for part in rows.split(common.rows_per_call(L, V)) if len(rows) else ():
+                t = torch.full((len(part),), i / T, device=device)
                 with common.autocast(device, cfg.dtype):
-                    new = model.denoise(xt[rows], t, None if z is None else z[rows])
+                    new = model.denoise(xt[part], t, None if z is None else z[part])
                 logits = logits if logits is not None else torch.empty(b, L, V, dtype=new.dtype, device=device)
-                logits[rows] = new  # kept in the network's dtype: b x L x V floats is the memory that counts
-                evaluations += len(rows)
+                logits[part] = new  # kept in the network's dtype: b x L x V floats is the memory that counts
+            evaluations += len(rows)
             alpha_t, alpha_s = model.schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64))
             xs = common.reverse_step(xt, logits, alpha_t, alpha_s, V)
             stale, xt = (xs != xt).any(1), xs
@@ -629,15 +629,14 @@ def likelihoods(model, x0_all, cfg, samplers):
     r to the prior (nats per sequence), and the valid T-step bound of every sampler at every step count."""
     device, L, V, rec = torch.device(cfg.device), cfg.block_size, model.vocab_size, model.recognition
     values = {}
-    for x0 in x0_all.split(cfg.eval_batch):
+    for x0 in x0_all.split(min(cfg.eval_batch, common.rows_per_call(L, V))):
         x0 = x0.to(device)
         with common.autocast(device, cfg.dtype):
             loss, kl = delbo(model, x0, 1.0)
             batch = {"mdm_nelbo" if rec is None else "delbo": loss / L}
             if rec is not None:
                 batch["kl"] = kl
-                batch["iw_delbo"] = common.iw_delbo(x0, model.denoise, rec, model.schedule, V, cfg.iw_samples,
-                                                    chunk=max(1, min(cfg.iw_samples, 4096 // len(x0)))) / L
+                batch["iw_delbo"] = common.iw_delbo(x0, model.denoise, rec, model.schedule, V, cfg.iw_samples) / L
             for sampler in samplers:
                 for T in cfg.steps:
                     batch[(sampler, T)] = common.step_bound(x0, model.denoise, model.schedule, V, T, rec, sampler,
@@ -755,13 +754,14 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
             group["lr"] = lr_at(it, cfg)
         lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
         offsets = window_offsets(rng, len(train_ids), cfg, world)
+        kl_weight = torch.tensor(lam)  # a 0-d CPU tensor: compiled once for every lambda, no copy to the GPU
         stats = torch.zeros(4, device=device)
         for m in range(cfg.grad_accum):
             x0 = get_batch(train_ids, offsets[m, rank], cfg.block_size, device)
             if world > 1:
                 step_fn.require_backward_grad_sync = m == cfg.grad_accum - 1  # all-reduce once per iteration
-            with common.autocast(device, cfg.dtype):  # lambda as a tensor: torch.compile would recompile per value
-                loss, kl = step_fn(x0, torch.tensor(lam, device=device))
+            with common.autocast(device, cfg.dtype):
+                loss, kl = step_fn(x0, kl_weight)
             loss = loss.mean() / cfg.block_size  # nats per token
             (loss / cfg.grad_accum).backward()
             stats[:2] += torch.stack([loss.detach(), kl.detach().mean()]) / cfg.grad_accum
@@ -818,7 +818,8 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
 def validation_loss(model, val_x0, cfg):
     model.eval()
     with common.autocast(torch.device(cfg.device), cfg.dtype):
-        loss = delbo(model, val_x0[:cfg.eval_batch].to(cfg.device), 1.0)[0].mean() / cfg.block_size
+        n = min(cfg.eval_batch, common.rows_per_call(cfg.block_size, model.vocab_size))
+        loss = delbo(model, val_x0[:n].to(cfg.device), 1.0)[0].mean() / cfg.block_size
     model.train()
     return loss.item()
 

@@ -254,7 +254,7 @@ class Recognition(nn.Module):
 
     def forward(self, x0, masked):
         h = self.embed(x0 + torch.tensor([0, self.bins], device=x0.device)).flatten(1)
-        mean, logvar = self.net(torch.cat([h, masked.float()], 1)).chunk(2, -1)
+        mean, logvar = self.net(torch.cat([h, masked.float()], 1)).float().chunk(2, -1)  # z's noise in float32
         return mean, logvar
 
 
@@ -351,7 +351,7 @@ def likelihoods(model, x0, cfg, schedule):
     out[key] = mean_se(delbo(model, x0, schedule, 1.0)[0])
     if model.recognition is not None:
         out["iw_delbo"] = mean_se(common.iw_delbo(x0, model.denoise, model.recognition, schedule, bins,
-                                                  cfg.iw_samples, chunk=max(1, 200_000 // len(x0))))
+                                                  cfg.iw_samples))
         out["iw_samples"] = cfg.iw_samples
     bounds = {}
     for sampler in (["vadd", "vadd_cs"] if model.recognition is not None else ["mdm"]):
@@ -448,6 +448,8 @@ def train(cfg, method, schedule, ckpt=None):
         ema.load_state_dict(ckpt["ema"])
         rng.bit_generator.state = ckpt["rng"]
         torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start, history = ckpt["iter"], [tuple(h) for h in ckpt["history"]]
         print(f"[{method}] resumed from {ckpt_path} at iteration {start}")
     def objective(model, x0, schedule, kl_weight):
@@ -468,7 +470,7 @@ def train(cfg, method, schedule, ckpt=None):
         x0 = torch.from_numpy(draw_tokens(cfg.dataset, cfg.batch_size, cfg.bins, rng)).to(device)
         lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
         with common.autocast(device, cfg.dtype):
-            loss, kl = step_fn(model, x0, schedule, lam)
+            loss, kl = step_fn(model, x0, schedule, torch.tensor(lam))  # a tensor: compiled once for every lambda
         loss = loss.mean()
         if not torch.isfinite(loss):
             raise SystemExit(f"[{method}] the loss became {loss.item()} at iteration {it}: lower --lr "
@@ -491,7 +493,9 @@ def train(cfg, method, schedule, ckpt=None):
         if (it + 1) % cfg.ckpt_interval == 0 or it == cfg.max_iters - 1:
             common.save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                                 "iter": it + 1, "config": checkpoint_config(cfg, method), "history": history,
-                                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, ckpt_path)
+                                "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                               ckpt_path)
     ema.copy_to(model)
     return model.eval(), history
 
