@@ -1,23 +1,23 @@
-"""What every VADD script shares: the masking schedule, forward masking, time sampling, KL annealing, the
-reverse-step math of the samplers, the likelihood estimators built on them, and a few run utilities.
-
-Conventions used by all scripts and by the functions below:
-- tokens are int64 tensors of shape (B, ...) with values in [0, V); the mask id [M] is V;
-- a time t in [0, 1] is one value per example, shape (B,); alpha(t) is the chance a token is still unmasked;
-- a denoiser is called as denoise(xt, t, z) and returns logits of shape xt.shape + (V,) over the V real
-  tokens only, so [M] can never be predicted; z is None for MDM;
-- a recognition model is called as recognize(x0, masked), `masked` a bool tensor of x0's shape, and returns
-  (mean, logvar) of the diagonal Gaussian r(z | x0, x_t), each of shape (B, d).
-Every likelihood below is in nats per example (sequence, image or 2D point), returned per example.
-The method and the reasons for each detail: REFERENCE.md sections 1-3 and 6.
+"""What every VADD script shares. First the method's mathematics (docs/method.md explains it): schedule,
+forward masking, time sampling, KL annealing, the reverse step, the likelihood estimators, the `steps` loss.
+Conventions: tokens are int64 tensors (B, ...) in [0, V) and the mask id [M] is V; t is one time per example;
+denoise(xt, t, z) returns logits xt.shape + (V,) over the real tokens only (z None for MDM); recognize(x0,
+masked) returns the float32 (mean, logvar) of r(z | x0, x_t), each (B, d); likelihoods are nats per example.
+Then the run utilities, which teach nothing about VADD: device, precision, seeding, EMA, flag types, the
+learning rate, DDP, checkpoints, mean and standard error over processes, the progress line, metrics.json.
 """
+import argparse
 import contextlib
+import datetime
+import json
 import math
 import os
 import random
+import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def sample_times(batch_size, eps=1e-3, device="cpu"):
 
 def kl_weight(step, warmup, start=0.0):
     """KL annealing lambda: rises linearly from `start` to 1 over `warmup` steps (0 steps: always 1).
-    Without it the posterior collapses to the prior (REFERENCE.md section 2)."""
+    Without it the posterior collapses to the prior (docs/method.md)."""
     if warmup <= 0:
         return 1.0
     return min(1.0, start + (1 - start) * step / warmup)
@@ -87,7 +87,7 @@ def sample_latent(mean, logvar):
 
 
 def gaussian_kl(mean, logvar):
-    """KL(N(mean, diag exp(logvar)) || N(0, I)) per example, in float32 (REFERENCE.md section 6)."""
+    """KL(N(mean, diag exp(logvar)) || N(0, I)) per example, in float32."""
     mean, logvar = mean.float(), logvar.float()
     return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).sum(-1)
 
@@ -97,7 +97,7 @@ def gaussian_log_prob(z, mean, logvar):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reverse step: what every sampler does, drawn in float64 (REFERENCE.md sections 1 and 6)
+# Reverse step: what every sampler does, drawn in float64 (docs/method.md, "Pitfalls")
 
 def unmask_probability(alpha_t, alpha_s):
     """Chance that a position masked at t is revealed on the step t -> s < t."""
@@ -132,21 +132,8 @@ def reverse_step(xt, logits, alpha_t, alpha_s, mask_id):
     return xs
 
 
-def reverse_step_probs(xt, logits, alpha_t, alpha_s, mask_id):
-    """The distribution reverse_step draws from, written out: per position, float64 probabilities over the
-    V tokens and [M] (last column). Materialises B x ... x (V + 1) float64 values: for teaching and tests."""
-    B, V = xt.shape[0], logits.shape[-1]
-    p = unmask_probability(torch.as_tensor(alpha_t, dtype=torch.float64),
-                           torch.as_tensor(alpha_s, dtype=torch.float64))
-    p = p.reshape(-1, *[1] * xt.dim()) if p.dim() else p
-    masked_row = torch.cat([p * torch.softmax(logits.double(), -1),
-                            (1 - p) * torch.ones(*xt.shape, 1, dtype=torch.float64)], -1)
-    copied_row = F.one_hot(xt.clamp_max(V), V + 1).double()
-    return torch.where((xt == mask_id).unsqueeze(-1), masked_row, copied_row)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Likelihood estimators (REFERENCE.md section 3), each a function of a denoiser callable
+# Likelihood estimators (docs/method.md, "Which numbers are bounds"), each a function of a denoiser callable
 
 def masked_nll(logits, x0, masked):
     """sum over masked positions of -log mu(x0 | x_t), per example; softmax and loss in float32. Run eagerly
@@ -164,12 +151,11 @@ def masked_nll(logits, x0, masked):
 
 
 def step_bound_term(x0, denoise, schedule, mask_id, T, i, z=None, recognize=None):
-    """Step i (t = i/T -> s = (i-1)/T; i a (B,) tensor, T an int or a (B,) tensor) of the valid T-step bound:
-    (alpha_s - alpha_t)/(1 - alpha_t) * sum_masked -log mu(x0 | x_t, z) with x_t ~ q(x_t | x0).
-    With `recognize` (the vanilla sampler, a fresh z at every step) z ~ r(z | x0, x_t) is drawn here and the
-    step adds KL(r || p) times the chance that it reveals anything, 1 - ((1 - alpha_s)/(1 - alpha_t))^n: a step
-    that reveals nothing does not depend on z and so pays no KL. Otherwise z is the caller's (None for MDM,
-    the example's one z for VADD-CS). Per example; steps_loss trains on it."""
+    """Step i of the valid T-step bound (t = i/T -> s = (i-1)/T; i a (B,) tensor, T an int or (B,) tensor):
+    (alpha_s - alpha_t)/(1 - alpha_t) * sum_masked -log mu(x0 | x_t, z), x_t ~ q(x_t | x0). With `recognize`
+    (vanilla sampler) z ~ r(z | x0, x_t) is drawn here and the step adds KL(r || p) times the chance that it
+    reveals anything, 1 - (1 - p)^n: a step that reveals nothing does not depend on z. Otherwise z is the
+    caller's (None for MDM, the example's one z for VADD-CS)."""
     t, s = i.double() / T, (i.double() - 1) / T
     alpha_t, alpha_s = schedule.alpha_grid(t), schedule.alpha_grid(s)
     xt = forward_mask(x0, alpha_t.float(), mask_id)
@@ -186,12 +172,10 @@ def step_bound_term(x0, denoise, schedule, mask_id, T, i, z=None, recognize=None
 
 
 def steps_loss(x0, denoise, schedule, mask_id, train_steps, recognize=None, kl_weight=1.0):
-    """The `steps` training objective (REFERENCE.md section 3b), per example: the valid bound of the K-step
-    consistency sampler as a loss. z ~ r(z | x0, everything masked) is drawn once (reparameterised), a budget K
-    from `train_steps` and a step i uniform in 1..K; the loss is K * step_bound_term + kl_weight * KL(r || p),
-    the KL once and not weighted by w(t). Its expectation is the summed K-step bound, so training on it lowers
-    exactly what the K-step sampler is judged by. recognize None: MDM's K-step bound, no z.
-    Returns (loss, kl) per example, like each script's DELBO."""
+    """The `steps` objective (docs/method.md), per example: the valid bound of the K-step consistency sampler
+    as a loss. z ~ r(z | x0, everything masked) once (reparameterised), K drawn from `train_steps`, a step i
+    uniform in 1..K: K * step_bound_term + kl_weight * KL(r || p), the KL once and not weighted by w(t). Its
+    expectation is the K-step bound. recognize None: MDM's K-step bound. Returns (loss, kl) like a DELBO."""
     B = x0.shape[0]
     z, kl = None, torch.zeros(B, device=x0.device)
     if recognize is not None:
@@ -204,11 +188,10 @@ def steps_loss(x0, denoise, schedule, mask_id, train_steps, recognize=None, kl_w
 
 @torch.no_grad()
 def step_bound(x0, denoise, schedule, mask_id, T, recognize=None, sampler="mdm", exact=False):
-    """A valid upper bound on -log p_T(x0) of the T-step sampler `sampler` (grid t_i = i/T), per example:
-    'mdm' (z None), 'vadd' (vanilla: fresh z ~ N(0, I) at every step) or 'vadd_cs' (consistency: one z for
-    all steps, drawn here from r(z | x0, everything masked), paying KL(r || p) once). It is >= the sampler's
-    true negative log-likelihood whatever the networks are. exact=True sums all T steps (T network calls);
-    exact=False returns the unbiased estimate T * (term of one step drawn per example), one call."""
+    """A valid upper bound on -log p_T(x0) of the T-step sampler (grid t_i = i/T), per example: 'mdm', 'vadd'
+    (a fresh z at every step) or 'vadd_cs' (one z ~ r(z | x0, everything masked) for all steps, its KL paid
+    once); >= the sampler's true NLL whatever the networks are. exact=True sums all T steps (T calls);
+    exact=False is the unbiased estimate T * (the term of one step drawn per example), one call."""
     if sampler not in ("mdm", "vadd", "vadd_cs"):
         raise ValueError(f"unknown sampler {sampler!r}")
     if sampler != "mdm" and recognize is None:
@@ -231,12 +214,10 @@ def step_bound(x0, denoise, schedule, mask_id, T, recognize=None, sampler="mdm",
 
 @torch.no_grad()
 def iw_delbo(x0, denoise, recognize, schedule, mask_id, num_samples, eps=1e-3, budget=None):
-    """Importance-weighted DELBO with K = num_samples draws of z ~ r(z | x0, x_t), per example (one t and x_t
-    per example): w(t) * -(logsumexp_k l_k - log K), l_k = log mu(x0 | x_t, z_k) summed over masked positions
-    + log p(z_k) - log r(z_k | x0, x_t). K = 1 is the DELBO with the one-sample KL. Like the DELBO it is a
-    comparison figure, not a bound on -log p(x0) (REFERENCE.md section 3). The K x B (draw, example) pairs go
-    through the denoiser in calls of at most `budget` logits (LOGITS_BUDGET by default); the noise of every
-    z is drawn up front, so the result does not depend on the budget."""
+    """Importance-weighted DELBO with K draws of z ~ r(z | x0, x_t), per example (one t and x_t each):
+    w(t) * -(logsumexp_k l_k - log K), l_k = sum_masked log mu(x0 | x_t, z_k) + log p(z_k) - log r(z_k). Like the
+    DELBO a comparison figure, not a bound. The K x B (draw, example) pairs go through the denoiser in calls
+    of at most `budget` logits; all noise is drawn first, so the figures do not depend on the budget."""
     B = x0.shape[0]
     t = sample_times(B, eps, x0.device)
     xt = forward_mask(x0, schedule.alpha(t), mask_id)
@@ -245,7 +226,8 @@ def iw_delbo(x0, denoise, recognize, schedule, mask_id, num_samples, eps=1e-3, b
     z = mean + torch.exp(0.5 * logvar) * torch.randn(num_samples, *mean.shape, device=x0.device)  # (K, B, d)
     log_w = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) - gaussian_log_prob(z, mean, logvar)
     z, log_w = z.flatten(0, 1), log_w.flatten()  # pair j is draw j // B of example j % B
-    for j in torch.arange(num_samples * B, device=x0.device).split(rows_per_call(x0[0].numel(), mask_id, budget)):
+    pairs = torch.arange(num_samples * B, device=x0.device)
+    for j in pairs.split(rows_per_call(x0[0].numel(), mask_id, budget)):
         b = j % B
         log_w[j] -= masked_nll(denoise(xt[b], t[b], z[j]), x0[b], masked[b])
     log_w = log_w.view(num_samples, B).double()  # float64: K in the thousands, weights up to 1/eps
@@ -262,8 +244,8 @@ def rows_per_call(tokens_per_row, vocab_size, budget=None):
     return max(1, (budget or LOGITS_BUDGET) // (tokens_per_row * vocab_size))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Run utilities: device, precision, seeding, EMA, atomic checkpoints
+# ==========================================================================================================
+# Run utilities: nothing below is about VADD; every training run needs it
 
 def pick_device(name="auto"):
     """The device of --device ('auto': CUDA when there is one)."""
@@ -276,13 +258,9 @@ def pick_device(name="auto"):
 
 
 def autocast(device, dtype):
-    """bf16 autocast for the networks (softmax, losses and KL are taken in float32 by the code above);
-    float16 is refused: it overflows the large negative logits used for [M] (REFERENCE.md section 6)."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    if dtype != "bfloat16":
-        raise ValueError(f"--dtype {dtype}: choose float32 or bfloat16")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast for the networks (softmax, losses and KL are taken in float32 by the code above); float16
+    is not offered: it overflows the large negative logits used for [M]."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
 
 def seed_everything(seed):
@@ -322,8 +300,195 @@ class EMA:
         model.load_state_dict(self.params)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Flags: argparse types that refuse a bad value with one sentence, and what every script derives from them
+
+def whole(low=1):
+    """argparse type: a whole number >= low."""
+    def parse(text):
+        if not text.strip().lstrip("-").isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {low}")
+        return int(text)
+    return parse
+
+
+def number(low, high=math.inf, open_low=False, open_high=False):
+    """argparse type: a finite number between low and high (open_*: that end excluded); NaN is refused."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        inside = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+        if not (inside and math.isfinite(value)):  # NaN fails every comparison
+            interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {interval}")
+        return value
+    return parse
+
+
+def counts(text):
+    """argparse type: positive whole numbers separated by commas, e.g. 1,2,5."""
+    values = [s.strip() for s in text.split(",") if s.strip()]
+    if not values or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive whole numbers separated by commas, e.g. 1,2,5")
+    return [int(v) for v in values]
+
+
+def finish_config(cfg, parser, folders):
+    """What every script derives after parsing: the device, bf16 and torch.compile on CUDA only (unless
+    given), lambda's warm-up over half the run (unless given), and folders that can be created."""
+    try:
+        cfg.device = str(pick_device(cfg.device))
+    except (ValueError, RuntimeError) as e:
+        parser.error(str(e))
+    cuda = cfg.device.startswith("cuda")
+    cfg.dtype = cfg.dtype or ("bfloat16" if cuda else "float32")
+    cfg.compile = cuda if cfg.compile is None else cfg.compile
+    cfg.kl_warmup = cfg.max_iters // 2 if cfg.kl_warmup is None else cfg.kl_warmup
+    for folder in folders:
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):  # the deepest part of the path that exists must be a folder
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            parser.error(f"cannot create folder {folder!r}: {existing!r} is a file, not a folder")
+    return cfg
+
+
+def lr_at(it, cfg):
+    """Linear warm-up over --warmup-iters, then cosine decay to lr / 10 at --max-iters."""
+    lr = cfg.lr * min(1.0, (it + 1) / max(1, cfg.warmup_iters))
+    return lr * (0.55 + 0.45 * math.cos(math.pi * it / max(1, cfg.max_iters)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Processes (torchrun's DDP) and statistics over all of them
+
+def setup_ddp(cfg):
+    """(rank, world size). torchrun sets RANK and WORLD_SIZE: NCCL with one GPU per process, gloo on CPUs."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(cfg.device)
+    # rank 0 samples and writes alone while the others wait at the next collective: allow it an hour
+    backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def teardown_ddp():
+    if dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still has a collective in flight
+        dist.destroy_process_group()
+
+
+def mean_se(values, device="cpu"):
+    """Mean and standard error of per-example values (a tensor or a list of them), over every rank."""
+    x = (torch.cat(values) if isinstance(values, (list, tuple)) else values).double().flatten()
+    s = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(len(x)), dtype=torch.float64)]).to(device)
+    if dist.is_initialized():
+        dist.all_reduce(s)
+    mean = s[0] / s[2]
+    var = (s[1] / s[2] - mean ** 2) * s[2] / (s[2] - 1) if s[2] > 1 else torch.zeros_like(mean)
+    return float(mean), float(var.clamp_min(0).sqrt() / s[2].sqrt())
+
+
+def print0(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically with every random state; refused when the weights' settings differ
+
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def random_states(device):
+    """The (CPU, CUDA) generator states of every rank (a collective under DDP)."""
+    state = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(states, state)
+    return states
+
+
+def restore_random_states(states, device, rank, world, seed):
+    """Continue each rank's generators exactly; on another number of processes, reseed them instead."""
+    if len(states) != world:
+        torch.manual_seed(seed + rank)
+        return
+    torch.set_rng_state(states[rank][0])
+    if device.type == "cuda" and states[rank][1] is not None:
+        torch.cuda.set_rng_state(states[rank][1], device)
+
+
+def read_checkpoint(path, settings, needed, resume):
+    """The checkpoint to continue from (resume) or to evaluate (needed), else None. One missing where needed,
+    unreadable, or trained with other `settings` stops the run with one sentence naming each difference."""
+    if not os.path.exists(path):
+        if needed:
+            raise SystemExit(f"{path} does not exist: train first (without --eval-only or --sample-only), or "
+                             f"point --out-dir at the run's folder")
+        return None
+    if not (resume or needed):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"cannot read {path} ({e.__class__.__name__}): delete it or choose another --out-dir")
+    saved = ckpt.get("config") or {}
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in settings.items()
+              if saved.get(k) != v]
+    if differ:
+        raise SystemExit(f"{path} was trained with {', '.join(differ)}: pass the same flags, or another --out-dir")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reporting: the progress line and metrics.json
+
+class Progress:
+    """Throughput and time left of a training run, leaving out the first iteration (where torch.compile
+    compiles) and the iterations of an earlier run that this one resumed."""
+
+    def __init__(self, start, total, items_per_iter, unit):
+        self.start, self.total, self.items, self.unit, self.t1 = start, total, items_per_iter, unit, None
+
+    def tick(self, it):
+        """After iteration `it` (counted from 1)."""
+        if it == self.start + 1:
+            self.t1 = time.time()
+
+    def line(self, it, **figures):
+        speed = self.items * (it - self.start - 1) / (time.time() - self.t1) if it > self.start + 1 else math.nan
+        eta = (self.total - it) * self.items / speed if speed > 0 else math.nan
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in figures.items())
+        return f"iter {it:7d}/{self.total} | {shown} | {speed:9.1f} {self.unit} | eta {eta:6.0f}s"
+
+
+def save_metrics(out_dir, metrics, trained, method_of):
+    """Write metrics.json under one rule: one entry per method, and a run replaces only what it computed.
+    Training a method drops that method's old entries (they describe other weights); --eval-only and
+    --sample-only replace the figures and `by_steps` rows (keyed by sampler and steps) they recompute and keep
+    the rest. `method_of` maps each sampler to its method, in table order. Returns what it wrote."""
+    path = os.path.join(out_dir, "metrics.json")
+    old = json.load(open(path)) if os.path.exists(path) else {}
+    merged = dict(metrics)
+    for part in ("config", "likelihood", "training"):
+        kept = {m: v for m, v in old.get(part, {}).items() if m not in trained}
+        merged[part] = {**kept, **{m: {**kept.get(m, {}), **v} for m, v in metrics[part].items()}}
+    rows = {(r["sampler"], r["steps"]): r for r in old.get("by_steps", [])
+            if method_of.get(r["sampler"]) not in trained}
+    for r in metrics["by_steps"]:
+        rows[r["sampler"], r["steps"]] = {**rows.get((r["sampler"], r["steps"]), {}), **r}
+    merged["by_steps"] = sorted(rows.values(), key=lambda r: (list(method_of).index(r["sampler"]), r["steps"]))
+    with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        json.dump(merged, f, indent=1)
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+    return merged

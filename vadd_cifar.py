@@ -765,7 +765,7 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1):
             ema.copy_to(evaluator)
             with torch.no_grad(), common.autocast(device, cfg.dtype):
                 per_image = [delbo(evaluator, x.to(device), evaluator.schedule, 1.0)[0]
-                             for x in val_images[rank::world].split(cfg.eval_batch)]
+                             for x in val_images[rank::world].split(min(cfg.eval_batch, common.rows_per_call(D, V)))]
             val_bpd = mean_se(gather(torch.cat(per_image).float(), world))[0]
             val_history.append((it + 1, val_bpd))
             if main_rank:

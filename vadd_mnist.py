@@ -738,7 +738,7 @@ def validation_loss(model, x0_all, cfg):
     """Mean NELBO (MDM) or DELBO at lambda = 1 (VADD) of the validation images, bits per dimension."""
     model.eval()
     device, total = torch.device(cfg.device), 0.0
-    for x0 in x0_all.split(cfg.eval_batch):
+    for x0 in x0_all.split(min(cfg.eval_batch, common.rows_per_call(SIZE * SIZE, V))):
         with common.autocast(device, cfg.dtype):
             total += delbo(model, x0.to(device), model.schedule, 1.0)[0].float().sum().item()
     return total / len(x0_all) / BPD

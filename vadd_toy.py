@@ -311,9 +311,9 @@ def sample(model, num, T, sampler, schedule):
         if sampler == "vadd":
             z, stale = torch.randn(num, model.latent_dim, device=device), torch.ones_like(stale)
         rows = (stale & (xt == bins).any(1)).nonzero().squeeze(1)
-        if len(rows):
-            logits[rows] = model.denoiser(xt[rows], None if z is None else z[rows]).float()
-            evaluations += len(rows)
+        for part in rows.split(common.rows_per_call(2, bins)) if len(rows) else ():
+            logits[part] = model.denoiser(xt[part], None if z is None else z[part]).float()
+        evaluations += len(rows)
         alpha_t, alpha_s = schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64))
         xs = common.reverse_step(xt, logits, alpha_t, alpha_s, bins)
         stale, xt = (xs != xt).any(1), xs
@@ -346,9 +346,9 @@ def likelihoods(model, x0, cfg, schedule):
     """Held-out figures in nats per point, each with its standard error: the continuous-time NELBO (MDM) or
     DELBO and its importance-weighted version (VADD; comparison figures, not bounds), and the valid T-step
     bound of each sampler at every step count (exact sum over the T steps: two tokens make it cheap)."""
-    bins, out = cfg.bins, {}
+    bins, out, parts = cfg.bins, {}, x0.split(common.rows_per_call(2, cfg.bins))
     key = "delbo" if model.recognition is not None else "mdm_nelbo"
-    out[key] = mean_se(delbo(model, x0, schedule, 1.0)[0])
+    out[key] = mean_se(torch.cat([delbo(model, x, schedule, 1.0)[0] for x in parts]))
     if model.recognition is not None:
         out["iw_delbo"] = mean_se(common.iw_delbo(x0, model.denoise, model.recognition, schedule, bins,
                                                   cfg.iw_samples))
@@ -356,8 +356,9 @@ def likelihoods(model, x0, cfg, schedule):
     bounds = {}
     for sampler in (["vadd", "vadd_cs"] if model.recognition is not None else ["mdm"]):
         for T in cfg.steps:
-            b = common.step_bound(x0, model.denoise, schedule, bins, T, model.recognition, sampler, exact=True)
-            bounds[(sampler, T)] = mean_se(b)
+            bounds[(sampler, T)] = mean_se(torch.cat([
+                common.step_bound(x, model.denoise, schedule, bins, T, model.recognition, sampler, exact=True)
+                for x in parts]))
     return out, bounds
 
 

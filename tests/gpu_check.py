@@ -81,10 +81,12 @@ def script_argv(name, data, smoke):
         return [*(tiny if smoke else real), "--data", data["text"], "--eval-model", "none", "--steps", "1,10",
                 "--num-samples", "8", "--iw-samples", "4", "--eval-interval", "1000"]
     if name == "mnist":
-        return [*(["--preset", "cpu", "--batch-size", "8"] if smoke else []), "--data", data["mnist"],
+        tiny = ["--preset", "cpu", "--batch-size", "8", "--width", "8", "--mults", "1,2", "--patch", "4", "--attn-res", "4"]
+        return [*(tiny if smoke else []), "--data", data["mnist"],
                 "--steps", "1,10", "--num-samples", "16" if smoke else "256", "--num-test", "32" if smoke else "500",
                 "--val-size", "100", "--iw-samples", "4", "--eval-interval", "1000"]
-    return [*(["--preset", "cpu", "--batch-size", "8"] if smoke else []), "--data", data["cifar"],
+    tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2", "--embed-dim", "4"]
+    return [*(tiny if smoke else []), "--data", data["cifar"],
             "--steps", "1,10", "--num-samples", "16" if smoke else "256", "--num-eval", "32" if smoke else "500",
             "--val-images", "100", "--iw-samples", "4", "--eval-interval", "1000"]
 

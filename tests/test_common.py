@@ -1,11 +1,13 @@
 """The mathematics of common.py (REFERENCE.md section 6): schedules, forward masking, time sampling, KL
 annealing, the reverse step, and the estimators' normalisation."""
+import itertools
 import math
 
 import pytest
 import torch
 
 import common
+from helpers import TableModel, fix_draws, kl_by_hand, log_normal, nll_by_hand, reverse_step_probs
 
 
 def schedule_names():
@@ -94,7 +96,7 @@ def reverse_case():
 
 def test_reverse_step_probabilities_are_float64_and_sum_to_one():
     xt, logits, mask = reverse_case()
-    probs = common.reverse_step_probs(xt, logits, torch.tensor([0.3, 0.3]), torch.tensor([0.6, 0.6]), mask)
+    probs = reverse_step_probs(xt, logits, torch.tensor([0.3, 0.3]), torch.tensor([0.6, 0.6]), mask)
     assert probs.dtype == torch.float64 and probs.shape == (2, 4, 6)
     assert torch.allclose(probs.sum(-1), torch.ones(2, 4, dtype=torch.float64), atol=1e-12)
     stay = (1 - 0.6) / (1 - 0.3)
@@ -112,7 +114,7 @@ def test_reverse_step_copies_unmasked_and_matches_its_distribution():
     unmasked = xt != mask
     assert torch.all(xs[:, unmasked] == xt[unmasked])
     freq = torch.nn.functional.one_hot(xs, 6).double().mean(0)
-    probs = common.reverse_step_probs(xt, logits, a_t, a_s, mask)
+    probs = reverse_step_probs(xt, logits, a_t, a_s, mask)
     se = torch.sqrt(probs * (1 - probs) / n)
     assert torch.all((freq - probs).abs() <= 5 * se + 1e-12), (freq - probs).abs().max()
 
@@ -167,3 +169,120 @@ def test_iw_delbo_normalises_by_k():
     for other in out[1:]:  # equal up to float32 rounding of logsumexp and log K
         assert torch.allclose(out[0], other, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(out[0]).all()
+
+
+def test_masked_nll_is_the_same_compiled_and_eager():
+    """Eagerly the cross-entropy is taken at the masked positions only; compiled, everywhere and then masked."""
+    torch.manual_seed(10)
+    logits, x0 = torch.randn(5, 7, 6), torch.randint(0, 6, (5, 7))
+    masked = torch.rand(5, 7) < 0.5
+    masked[0] = False  # an example with nothing masked
+    compiled = torch.compile(common.masked_nll, backend="eager")
+    assert torch.allclose(common.masked_nll(logits, x0, masked).double(), nll_by_hand(logits, x0, masked))
+    assert torch.allclose(compiled(logits, x0, masked), common.masked_nll(logits, x0, masked))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Each estimator against its formula computed by hand, on a model whose r is not the prior
+
+def bound_by_enumeration(model, x0, T, sampler, schedule):
+    """The expectation of common.step_bound (exact=True) for one x0, summed over every mask pattern of every
+    step: sum_i E_m[p_i * nll(m) + (vanilla) (1 - (1 - p_i)^|m|) KL(r(x0, m))], plus (VADD-CS) the KL of
+    r(x0, everything masked) once. The table denoiser ignores z, so no expectation over z is needed."""
+    L, total = model.L, 0.0
+    if sampler == "vadd_cs":
+        total += kl_by_hand(*model.recognize(x0[None], torch.ones(1, L, dtype=torch.bool))).item()
+    for i in range(1, T + 1):
+        alpha_t, alpha_s = schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64)).tolist()
+        p = (alpha_s - alpha_t) / (1 - alpha_t)
+        for pattern in itertools.product([False, True], repeat=L):
+            masked = torch.tensor([pattern])
+            n = sum(pattern)
+            prob = (1 - alpha_t) ** n * alpha_t ** (L - n)
+            xt = torch.where(masked, model.V, x0[None])
+            term = p * nll_by_hand(model.denoise(xt, None, None), x0[None], masked).item()
+            if sampler == "vadd":
+                term += (1 - (1 - p) ** n) * kl_by_hand(*model.recognize(x0[None], masked)).item()
+            total += prob * term
+    return total
+
+
+@pytest.mark.parametrize("sampler", ["mdm", "vadd", "vadd_cs"])
+def test_each_t_step_bound_is_its_expectation_by_enumeration(sampler):
+    """Equality, not only bound >= NLL: a KL paid at every step of the vanilla sampler (instead of with the
+    chance that the step reveals something), a KL paid twice by VADD-CS or a missing unmasking factor fails."""
+    torch.manual_seed(11)
+    model, schedule, n = TableModel(), common.Schedule("linear"), 20_000
+    points = torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 1]])
+    kw = dict(denoise=model.denoise, schedule=schedule, mask_id=model.V, sampler=sampler,
+              recognize=None if sampler == "mdm" else model.recognize)
+    for T in (1, 3):
+        exact = torch.tensor([bound_by_enumeration(model, x0, T, sampler, schedule) for x0 in points])
+        for summed in (True, False):  # all T steps, and the unbiased one-random-step estimate
+            b = common.step_bound(points.repeat(n, 1), T=T, exact=summed, **kw).view(n, len(points)).double()
+            mean, se = b.mean(0), b.std(0) / math.sqrt(n)
+            assert torch.all((mean - exact).abs() <= 4.5 * se + 1e-6), (T, summed, mean, exact, se)
+
+
+def test_iw_delbo_is_its_formula_by_hand(monkeypatch):
+    """w(t) * -(logsumexp_k [log mu(x0 | x_t, z_k) + log p(z_k) - log r(z_k)] - log K) with z_k = mean + std
+    eps_k, eps of shape (K, B, d) drawn first: a missing w(t) or a flipped log p - log r fails."""
+    model, schedule, K = TableModel(z_weight=1.0), common.Schedule("linear"), 5
+    x0 = torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 1], [1, 1, 1]])
+    t = torch.tensor([0.3, 0.55, 0.8, 0.95])
+    mask = fix_draws(monkeypatch, t)
+    torch.manual_seed(12)
+    got = common.iw_delbo(x0, model.denoise, model.recognize, schedule, model.V, K)
+    torch.manual_seed(12)
+    eps = torch.randn(K, len(x0), model.d)
+    xt = mask(x0, schedule.alpha(t), model.V)
+    masked = xt == model.V
+    mean, logvar = model.recognize(x0, masked)
+    z = mean + torch.exp(0.5 * logvar) * eps
+    zeros = torch.zeros_like(mean)
+    log_w = torch.stack([-nll_by_hand(model.denoise(xt, t, z[k]), x0, masked) + log_normal(z[k], zeros, zeros)
+                         - log_normal(z[k], mean, logvar) for k in range(K)]).double()
+    expected = (1 / t.double()) * -(torch.logsumexp(log_w, 0) - math.log(K))
+    assert torch.allclose(got.double(), expected, rtol=1e-5), (got, expected)
+
+
+def test_iw_delbo_does_not_depend_on_the_logit_budget():
+    """The (draw, example) pairs go through the denoiser in calls of at most `budget` logits; one row per call
+    gives the same figures as all of them at once."""
+    model, schedule = TableModel(z_weight=1.0), common.Schedule("loglinear")
+    x0 = torch.randint(0, model.V, (6, model.L), generator=torch.Generator().manual_seed(13))
+    out = []
+    for budget in (None, 1, 2 * model.L * model.V):
+        torch.manual_seed(14)
+        out.append(common.iw_delbo(x0, model.denoise, model.recognize, schedule, model.V, 7, budget=budget))
+    assert torch.allclose(out[0], out[1]) and torch.allclose(out[0], out[2])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run utilities
+
+def test_ema_resumes_onto_the_device_and_dtype_of_its_model():
+    """A checkpoint is read onto the CPU; the EMA must keep living beside the model (here on the meta device,
+    standing in for CUDA), or its first update after --resume mixes devices."""
+    model = torch.nn.Linear(3, 2, device="meta")
+    ema = common.EMA(model, 0.9)
+    saved = {"decay": 0.5, "steps": 7, "params": {k: torch.ones(v.shape) for k, v in ema.params.items()}}
+    ema.load_state_dict(saved)
+    assert ema.steps == 7 and ema.decay == 0.5
+    assert all(v.device.type == "meta" and v.dtype == torch.float32 for v in ema.params.values())
+    ema.update(model)  # the same devices: no error
+    cpu_model = torch.nn.Linear(3, 2)
+    cpu_ema = common.EMA(cpu_model, 0.9)
+    cpu_ema.load_state_dict(saved)
+    assert all(torch.equal(v, torch.ones(v.shape)) for v in cpu_ema.params.values())
+
+
+def test_cuda_device_turns_on_tf32_for_float32_matmuls(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert common.pick_device("cuda").type == "cuda"
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

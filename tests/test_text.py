@@ -5,11 +5,11 @@ import functools
 import json
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import common
@@ -221,10 +221,14 @@ def test_resume_matches_a_run_straight_through(tmp_path, monkeypatch):
         assert torch.equal(a["ema"]["params"][k], b["ema"]["params"][k]), k
 
 
-def _ddp_worker(rank, world, port, argv, record):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _ddp_worker(rank, world, rendezvous, argv, record):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # the processes meet through a file, not a port: a free port picked and released here can be taken by
+    # another program before the workers bind it
+    init = dist.init_process_group
+    dist.init_process_group = lambda backend, **kw: init(backend, init_method=f"file://{rendezvous}", rank=rank,
+                                                         world_size=world, **kw)
     get_batch, seen = vt.get_batch, []
 
     def spy(ids, offsets, block_size, device):
@@ -237,17 +241,11 @@ def _ddp_worker(rank, world, port, argv, record):
         json.dump(seen, f)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_read_different_windows(tmp_path):
     data = write_text(tmp_path / "poem.txt")
     argv = tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "vadd", "--max-iters", "4",
                      "--device", "cpu")
-    mp.spawn(_ddp_worker, args=(2, free_port(), argv, str(tmp_path / "seen")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), argv, str(tmp_path / "seen")), nprocs=2, join=True)
     seen = [json.loads((tmp_path / f"seen.{r}.json").read_text()) for r in (0, 1)]
     n_train = max(n for n, _ in seen[0])
     windows = [[o for n, o in s if n == n_train] for s in seen]  # training reads (the validation split is smaller)

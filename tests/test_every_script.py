@@ -1,0 +1,223 @@
+"""What every script must do the same way, checked on each of the four through its own code on tiny configs:
+its DELBO is the formula written by hand, its recognition model reads x0 and the mask and returns float32,
+lambda reaches the objective at every iteration and compiles once, evaluation and sampling use the EMA
+weights, every network call of evaluation and sampling fits the logit budget, and the image UNets hand the
+attention kernels the layout the fused kernels take."""
+import functools
+import math
+
+import pytest
+import torch
+
+import common
+import test_cifar
+import test_mnist
+import test_text
+import test_toy
+import vadd_cifar
+import vadd_mnist
+import vadd_text
+import vadd_toy
+from helpers import fix_draws, kl_by_hand, nll_by_hand, perturb
+
+SCRIPTS = ("toy", "text", "mnist", "cifar")
+MODULES = {"toy": vadd_toy, "text": vadd_text, "mnist": vadd_mnist, "cifar": vadd_cifar}
+
+
+def tiny_args(name, tmp_path, *extra):
+    if name == "toy":
+        return test_toy.tiny_args(tmp_path, *extra)
+    if name == "text":
+        return test_text.tiny_args(tmp_path, test_text.write_text(tmp_path / "poem.txt"), "--tokenizer", "char", *extra)
+    return (test_mnist if name == "mnist" else test_cifar).tiny_args(tmp_path, *extra)
+
+
+def tiny_model(name, tmp_path, method):
+    """(model with every parameter perturbed, a batch x0, the mask id, its schedule, its DELBO(model, x0, lam)).
+    The recognition's output layer is perturbed most, so that r is far from the prior (a KL of several nats)."""
+    model, x0, mask_id, schedule, delbo = build(name, tmp_path, method)
+    perturb(model)
+    if model.recognition is not None:
+        perturb([m for m in model.recognition.modules() if isinstance(m, torch.nn.Linear)][-1], std=0.5)
+    return model.eval(), x0, mask_id, schedule, delbo
+
+
+def build(name, tmp_path, method):
+    m = MODULES[name]
+    cfg = m.parse_config(tiny_args(name, tmp_path))
+    torch.manual_seed(0)
+    if name == "toy":
+        schedule = common.Schedule(cfg.schedule)
+        model, x0, mask_id = m.Model(cfg, method), torch.randint(0, cfg.bins, (4, 2)), cfg.bins
+        return model, x0, mask_id, schedule, lambda mo, x, lam: m.delbo(mo, x, schedule, lam)
+    if name == "text":
+        model = m.Model(cfg, method, 11)
+        x0 = torch.randint(0, 11, (4, cfg.block_size))
+        return model, x0, 11, model.schedule, m.delbo
+    model = m.Model(cfg, method)
+    x0 = torch.randint(0, 2, (4, 32, 32)) if name == "mnist" else torch.randint(0, 256, (4, 32, 32, 3))
+    return model, x0, m.MASK, model.schedule, lambda mo, x, lam: m.delbo(mo, x, mo.schedule, lam)
+
+
+@pytest.mark.parametrize("method", ["mdm", "vadd"])
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_delbo_is_its_formula_by_hand(name, method, tmp_path, monkeypatch):
+    """w(t) * (sum_masked -log mu(x0 | x_t, z) + lambda * KL(r(z | x0, x_t) || N(0, I))), with the draws fixed:
+    a KL not weighted by w(t), a lambda ignored, or a recognition that is not given the mask of x_t fails."""
+    model, x0, mask_id, schedule, delbo = tiny_model(name, tmp_path, method)
+    t = torch.tensor([0.2, 0.45, 0.7, 0.95])
+    mask = fix_draws(monkeypatch, t)
+    with torch.no_grad():
+        loss, kl = delbo(model, x0, torch.tensor(0.3))
+        xt = mask(x0, schedule.alpha(t), mask_id)
+        masked = xt == mask_id
+        z, kl_hand = None, torch.zeros(len(x0), dtype=torch.float64)
+        if method == "vadd":
+            mean, logvar = model.recognition(x0, masked)
+            z, kl_hand = mean + 0.7 * torch.exp(0.5 * logvar), kl_by_hand(mean, logvar)
+        nll = nll_by_hand(model.denoise(xt, t, z), x0, masked)
+        expected = schedule.weight(t.double()) * (nll + 0.3 * kl_hand)
+    assert masked.any() and not masked.all()
+    assert torch.allclose(loss.double(), expected, rtol=1e-5), (loss, expected)
+    assert torch.allclose(kl.double(), kl_hand, rtol=1e-4, atol=1e-6)
+    if method == "vadd":  # the KL part alone: thousands of nats of NLL (CIFAR) would hide it in a relative check
+        assert kl_hand.min() > 1  # r is far from the prior
+        kl_part = loss.double() / schedule.weight(t.double()) - nll
+        assert torch.allclose(kl_part, 0.3 * kl_hand, rtol=1e-3, atol=1e-5 * nll.max().item()), (kl_part, kl_hand)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_recognition_reads_x0_and_the_mask_and_returns_float32(name, tmp_path):
+    """r(z | x0, x_t) must see which tokens are masked (a recognition without the mask collapses to the prior,
+    the paper's ablation) and return float32 under bf16 autocast, so z's noise is not drawn in bf16."""
+    model, x0, _, _, _ = tiny_model(name, tmp_path, "vadd")
+    half = torch.rand(x0.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    with torch.no_grad():
+        outputs = [torch.cat(model.recognition(x, m), -1) for x, m in
+                   [(x0, torch.zeros_like(half)), (x0, torch.ones_like(half)), (x0, half), (x0.flip(0), half)]]
+        for a, b in zip(outputs, outputs[1:]):
+            assert (a - b).abs().max() > 1e-4
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean, logvar = model.recognition(x0, half)
+    assert mean.dtype == logvar.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_lambda_reaches_the_objective_at_every_iteration(name, tmp_path, monkeypatch):
+    """The KL weight of the training objective rises 0, 1/4, ..., 1 over --kl-warmup 4 iterations."""
+    module, seen = MODULES[name], []
+    real = module.delbo
+
+    def spy(*args):
+        if torch.is_grad_enabled():  # training, not the evaluation at lambda = 1
+            seen.append(float(args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(module, "delbo", spy)
+    module.main(tiny_args(name, tmp_path, "--method", "vadd", "--max-iters", "6", "--kl-warmup", "4",
+                          "--kl-start", "0"))
+    assert seen == pytest.approx([0, 0.25, 0.5, 0.75, 1, 1])
+
+
+class GraphCounter:
+    """A torch.compile backend that counts the graphs it is handed and runs them eagerly."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_compiled_bf16_training_is_one_graph_whatever_lambda(name, tmp_path, monkeypatch):
+    """--compile --dtype bfloat16 through the real training loop: lambda changes at every iteration for 10 of
+    the 20, and the step must still be one graph. Floats are specialised here as torch 2.3-2.5 did, so a
+    lambda passed as a Python float would be a new graph per value."""
+    counter = GraphCounter()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", True, raising=False)
+    torch._dynamo.reset()
+    metrics = MODULES[name].main(tiny_args(name, tmp_path, "--method", "vadd", "--compile", "--dtype", "bfloat16",
+                                           "--max-iters", "20", "--kl-warmup", "10", "--log-interval", "10",
+                                           "--ckpt-interval", "20"))
+    assert counter.graphs == 1
+    assert metrics["by_steps"]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_evaluation_and_sampling_use_the_ema_weights(name, tmp_path, monkeypatch):
+    module, used = MODULES[name], {}
+    for fn in ("likelihoods", "sample"):
+        real = getattr(module, fn)
+
+        def spy(model, *args, real=real, fn=fn, **kwargs):
+            used.setdefault(fn, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            return real(model, *args, **kwargs)
+
+        monkeypatch.setattr(module, fn, spy)
+    module.main(tiny_args(name, tmp_path, "--method", "vadd", "--max-iters", "6"))
+    ckpt = torch.load(tmp_path / "out" / "ckpt_vadd.pt", weights_only=True)
+    ema, raw = ckpt["ema"]["params"], ckpt["model"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # the test can tell them apart
+    for state in used.values():
+        assert all(torch.equal(state[k].float(), ema[k]) for k in ema)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_evaluation_and_sampling_call_fits_the_logit_budget(name, tmp_path, monkeypatch):
+    """With a budget of 3 examples per call, no network call outside training sees more than 3."""
+    module, sizes = MODULES[name], []
+    monkeypatch.setattr(common, "rows_per_call", lambda tokens_per_row, vocab_size, budget=None: 3)
+    real = module.Denoiser.forward
+
+    def spy(self, xt, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            sizes.append(len(xt))
+        return real(self, xt, *args, **kwargs)
+
+    monkeypatch.setattr(module.Denoiser, "forward", spy)
+    module.main(tiny_args(name, tmp_path, "--method", "vadd", "--max-iters", "3"))
+    assert sizes and max(sizes) == 3
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar"])
+def test_image_attention_inputs_have_contiguous_channels(name, tmp_path, monkeypatch):
+    """The fused attention kernels take q, k, v whose last (channel) dimension is contiguous; a transposed
+    view sends scaled_dot_product_attention to its slow math fallback. Each attention layer gets a plain
+    (N, C, H, W) input here, whatever memory format the layers before it would hand on."""
+    model, _, _, _, _ = tiny_model(name, tmp_path, "vadd")
+    layers = [m for m in model.modules() if isinstance(m, MODULES[name].Attention)]
+    strides, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        strides.extend(x.stride(-1) for x in (q, k, v))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        for layer in layers:
+            layer(torch.randn(2, layer.qkv.in_channels, 4, 4))
+    assert layers and len(strides) == 3 * len(layers) and set(strides) == {1}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_checkpoints_keep_the_cuda_random_state(name, tmp_path):
+    """--resume is bit-exact on CUDA only if the CUDA generator is saved too (None on a CPU run)."""
+    MODULES[name].main(tiny_args(name, tmp_path, "--method", "mdm", "--max-iters", "2"))
+    ckpt = torch.load(tmp_path / "out" / "ckpt_mdm.pt", weights_only=True)
+    if name == "text":  # one (CPU, CUDA) pair per rank
+        assert all(len(pair) == 2 and pair[1] is None for pair in ckpt["torch_rng"])
+    else:
+        assert "cuda_rng" in ckpt and ckpt["cuda_rng"] is None
+
+
+@pytest.mark.slow  # inductor compiles on the CPU: about 15 s each; the UNets (MNIST, CIFAR) take 50 s each, so
+# there the graph test above (dynamo, eager backend) and tests/gpu_check.py (inductor, on a GPU) stand in
+@pytest.mark.parametrize("name", ["toy", "text"])
+def test_inductor_compiles_and_trains_in_bf16(name, tmp_path):
+    metrics = MODULES[name].main(tiny_args(name, tmp_path, "--method", "vadd", "--compile", "--dtype", "bfloat16",
+                                           "--max-iters", "3"))
+    assert metrics["by_steps"] and all(math.isfinite(r["bound"]) for r in metrics["by_steps"] if "bound" in r)
