@@ -409,23 +409,31 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def random_states(device):
-    """The (CPU, CUDA) generator states of every rank (a collective under DDP)."""
+def training_state(model, opt, ema, it, settings, history, rng, device):
+    """Everything --resume needs, with the (CPU, CUDA) generator states of every rank: call it on every rank
+    (a collective under DDP) and save it on rank 0."""
     state = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     states = [state] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_gather_object(states, state)
-    return states
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "iter": it,
+            "config": settings, "history": history, "rng": rng.bit_generator.state, "torch_rng": states}
 
 
-def restore_random_states(states, device, rank, world, seed):
-    """Continue each rank's generators exactly; on another number of processes, reseed them instead."""
-    if len(states) != world:
+def resume(ckpt, model, opt, ema, rng, device, rank, world, seed):
+    """Load a training_state; each rank's generators continue exactly (on another number of processes they
+    are reseeded). Returns (iteration, history)."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    ema.load_state_dict(ckpt["ema"])
+    rng.bit_generator.state = ckpt["rng"]
+    if len(ckpt["torch_rng"]) == world:
+        torch.set_rng_state(ckpt["torch_rng"][rank][0])
+        if device.type == "cuda" and ckpt["torch_rng"][rank][1] is not None:
+            torch.cuda.set_rng_state(ckpt["torch_rng"][rank][1], device)
+    else:
         torch.manual_seed(seed + rank)
-        return
-    torch.set_rng_state(states[rank][0])
-    if device.type == "cuda" and states[rank][1] is not None:
-        torch.cuda.set_rng_state(states[rank][1], device)
+    return ckpt["iter"], ckpt["history"]
 
 
 def read_checkpoint(path, settings, needed, resume):
@@ -465,8 +473,12 @@ class Progress:
         if it == self.start + 1:
             self.t1 = time.time()
 
+    def rate(self, it):
+        """Items per second after iteration `it` (NaN until two iterations have run)."""
+        return self.items * (it - self.start - 1) / (time.time() - self.t1) if it > self.start + 1 else math.nan
+
     def line(self, it, **figures):
-        speed = self.items * (it - self.start - 1) / (time.time() - self.t1) if it > self.start + 1 else math.nan
+        speed = self.rate(it)
         eta = (self.total - it) * self.items / speed if speed > 0 else math.nan
         shown = " | ".join(f"{k} {v:.4g}" for k, v in figures.items())
         return f"iter {it:7d}/{self.total} | {shown} | {speed:9.1f} {self.unit} | eta {eta:6.0f}s"

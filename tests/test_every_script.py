@@ -47,16 +47,14 @@ def build(name, tmp_path, method):
     cfg = m.parse_config(tiny_args(name, tmp_path))
     torch.manual_seed(0)
     if name == "toy":
-        schedule = common.Schedule(cfg.schedule)
-        model, x0, mask_id = m.Model(cfg, method), torch.randint(0, cfg.bins, (4, 2)), cfg.bins
-        return model, x0, mask_id, schedule, lambda mo, x, lam: m.delbo(mo, x, schedule, lam)
-    if name == "text":
-        model = m.Model(cfg, method, 11)
-        x0 = torch.randint(0, 11, (4, cfg.block_size))
-        return model, x0, 11, model.schedule, m.delbo
-    model = m.Model(cfg, method)
-    x0 = torch.randint(0, 2, (4, 32, 32)) if name == "mnist" else torch.randint(0, 256, (4, 32, 32, 3))
-    return model, x0, m.MASK, model.schedule, lambda mo, x, lam: m.delbo(mo, x, mo.schedule, lam)
+        model, x0 = m.Model(cfg, method), torch.randint(0, cfg.bins, (4, 2))
+    elif name == "text":
+        model, x0 = m.Model(cfg, method, 11), torch.randint(0, 11, (4, cfg.block_size))
+    elif name == "mnist":
+        model, x0 = m.Model(cfg, method), torch.randint(0, 2, (4, 32, 32))
+    else:
+        model, x0 = m.Model(cfg, method), torch.randint(0, 256, (4, 32, 32, 3))
+    return model, x0, model.mask_id, model.schedule, m.delbo
 
 
 @pytest.mark.parametrize("method", ["mdm", "vadd"])
@@ -208,10 +206,8 @@ def test_checkpoints_keep_the_cuda_random_state(name, tmp_path):
     """--resume is bit-exact on CUDA only if the CUDA generator is saved too (None on a CPU run)."""
     MODULES[name].main(tiny_args(name, tmp_path, "--method", "mdm", "--max-iters", "2"))
     ckpt = torch.load(tmp_path / "out" / "ckpt_mdm.pt", weights_only=True)
-    if name == "text":  # one (CPU, CUDA) pair per rank
-        assert all(len(pair) == 2 and pair[1] is None for pair in ckpt["torch_rng"])
-    else:
-        assert "cuda_rng" in ckpt and ckpt["cuda_rng"] is None
+    (cpu, cuda), = ckpt["torch_rng"]  # one (CPU, CUDA) pair per rank, as common.random_states writes them
+    assert cpu.dtype == torch.uint8 and cpu.numel() > 0 and cuda is None
 
 
 @pytest.mark.slow  # inductor compiles on the CPU: about 15 s each; the UNets (MNIST, CIFAR) take 50 s each, so

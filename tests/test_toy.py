@@ -25,7 +25,7 @@ def trained(tmp_path, method, iters=300, bins=8):
     cfg = toy.parse_config(tiny_args(tmp_path, "--bins", str(bins), "--width", "64", "--max-iters", str(iters),
                                      "--batch-size", "256", "--log-interval", "1000", "--ckpt-interval", "1000"))
     os.makedirs(cfg.out_dir, exist_ok=True)
-    model, _ = toy.train(cfg, method, common.Schedule(cfg.schedule))
+    model, _, _ = toy.train(cfg, method)
     return model
 
 
@@ -115,7 +115,7 @@ def test_uniform_denoiser_gives_nelbo_two_log_v(tmp_path):
     torch.nn.init.zeros_(model.denoiser.out[-1].weight)
     torch.nn.init.zeros_(model.denoiser.out[-1].bias)
     x0 = torch.randint(0, cfg.bins, (1 << 16, 2))
-    loss, _ = toy.delbo(model, x0, common.Schedule("linear"), 0.0)
+    loss, _ = toy.delbo(model, x0, 0.0)
     se = loss.std().item() / math.sqrt(len(loss))
     assert abs(loss.mean().item() - 2 * math.log(cfg.bins)) < 4 * se
 
@@ -130,7 +130,7 @@ def test_consistency_sampler_keeps_z_and_vanilla_draws_a_new_one(tmp_path):
     model.denoiser.forward = lambda xt, z=None: (seen.append(z.clone()), forward(xt, z))[1]
     for sampler in ("vadd_cs", "vadd"):
         seen.clear()
-        tokens, nfe = toy.sample(model, 300, 6, sampler, common.Schedule("linear"))
+        tokens, nfe = toy.sample(model, 300, 6, sampler, cfg)
         assert tokens.shape == (300, 2) and tokens.min() >= 0 and tokens.max() < cfg.bins
         assert len(seen) > 1 and len(seen[0]) == 300 and nfe == sum(len(z) for z in seen) / 300
         for i, z in enumerate(seen[1:], 1):
@@ -139,7 +139,7 @@ def test_consistency_sampler_keeps_z_and_vanilla_draws_a_new_one(tmp_path):
 
 
 def test_sampler_with_as_many_steps_as_positions_reveals_one_per_step():
-    """REFERENCE.md section 6: T = L reveals about one position per step, and no [M] is left at the end."""
+    """T = L reveals about one position per step, and no [M] is left at the end."""
     torch.manual_seed(4)
     L, V, n, T = 16, 5, 4000, 16
     schedule = common.Schedule("linear")
@@ -167,9 +167,10 @@ def test_main_writes_every_output(tmp_path, capsys):
         a = np.load(out / f"samples_{s}_T2.npy")
         assert a.shape == (400, 2) and a.dtype.kind == "i" and a.min() >= 0 and a.max() < 16
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["unit"] == "nats per point" and saved["config"]["bins"] == 16
-    for key in ("mdm_nelbo", "delbo", "iw_delbo", "iw_samples", "data_entropy"):
-        assert key in saved["likelihood"], key
+    assert saved["unit"] == "nats per point" and saved["config"]["vadd"]["bins"] == 16
+    assert set(saved["likelihood"]["mdm"]) == {"mdm_nelbo", "mdm_nelbo_se"}
+    assert set(saved["likelihood"]["vadd"]) == {"delbo", "delbo_se", "iw_delbo", "iw_delbo_se", "iw_samples"}
+    assert 0 < saved["data"]["entropy"] < 2 * math.log(16) and saved["training"]["vadd"]["iters"] == 30
     assert len(saved["by_steps"]) == 6
     for row in saved["by_steps"]:
         for key in ("sampler", "steps", "bound", "sample_seconds", "nfe", "js", "kl", "validity"):
@@ -209,12 +210,14 @@ def test_resume_matches_a_run_straight_through(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("extra, message", [
     (["--dataset", "spiral"], "invalid choice: 'spiral'"),
-    (["--bins", "1"], "--bins must be at least 2"),
-    (["--steps", "0"], "positive whole number"),
-    (["--steps", "1,-2"], "positive whole number"),
-    (["--steps", "1,x"], "whole numbers separated by commas"),
-    (["--num-samples", "0"], "--num-samples must be at least 1"),
-    (["--train-steps", "2,0"], "positive whole number"),
+    (["--bins", "1"], "argument --bins: '1' is not a whole number >= 2"),
+    (["--steps", "0"], "positive whole numbers separated by commas"),
+    (["--steps", "1,-2"], "positive whole numbers separated by commas"),
+    (["--steps", "1,x"], "positive whole numbers separated by commas"),
+    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number >= 1"),
+    (["--train-steps", "2,0"], "positive whole numbers separated by commas"),
+    (["--lr", "nan"], "argument --lr: 'nan' is not a finite number in (0, inf]"),
+    (["--ema", "1"], "argument --ema: '1' is not a finite number in [0, 1)"),
     (["--objective", "elbo"], "invalid choice: 'elbo'"),
 ])
 def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
@@ -241,18 +244,23 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
 
 
 def test_one_method_after_the_other_keeps_both_in_metrics(tmp_path):
+    """metrics.json keeps one entry per method: a run replaces the entries of the methods it trains."""
     toy.main(tiny_args(tmp_path, "--method", "mdm"))
     toy.main(tiny_args(tmp_path, "--method", "vadd"))
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert sorted({r["sampler"] for r in saved["by_steps"]}) == ["mdm", "vadd", "vadd_cs"]
-    assert "mdm_nelbo" in saved["likelihood"] and "delbo" in saved["likelihood"]
-    toy.main(tiny_args(tmp_path, "--method", "vadd", "--bins", "12"))  # other flags: a fresh table
+    assert "mdm_nelbo" in saved["likelihood"]["mdm"] and "delbo" in saved["likelihood"]["vadd"]
+    before = [r for r in saved["by_steps"] if r["sampler"] == "mdm"]
+    toy.main(tiny_args(tmp_path, "--method", "vadd", "--bins", "12", "--steps", "1"))
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert sorted({r["sampler"] for r in saved["by_steps"]}) == ["vadd", "vadd_cs"]
+    assert [r for r in saved["by_steps"] if r["sampler"] == "mdm"] == before  # MDM's model did not change
+    assert [(r["sampler"], r["steps"]) for r in saved["by_steps"] if r["sampler"] != "mdm"] == [("vadd", 1),
+                                                                                               ("vadd_cs", 1)]
+    assert saved["config"]["mdm"]["bins"] == 16 and saved["config"]["vadd"]["bins"] == 12
 
 
 # ----------------------------------------------------------------------------------------------------------
-# --objective steps (REFERENCE.md section 3b)
+# --objective steps (docs/method.md)
 
 def test_steps_loss_is_an_unbiased_estimate_of_the_summed_bound(tmp_path):
     """The mean of the `steps` loss over many draws equals the summed K-step bound: for MDM, and for VADD
@@ -300,7 +308,7 @@ def test_steps_loss_with_one_step_is_the_vae_bound(tmp_path):
 
 def test_main_with_the_steps_objective(tmp_path):
     metrics = toy.main(tiny_args(tmp_path, "--objective", "steps", "--train-steps", "1,3"))
-    assert metrics["config"]["objective"] == "steps" and metrics["config"]["train_steps"] == [1, 3]
+    assert metrics["config"]["vadd"]["objective"] == "steps" and metrics["config"]["vadd"]["train_steps"] == [1, 3]
     assert {r["sampler"] for r in metrics["by_steps"]} == {"mdm", "vadd", "vadd_cs"}
     assert all(math.isfinite(r["bound"]) for r in metrics["by_steps"])
     with pytest.raises(SystemExit, match="was trained with"):  # a checkpoint of the other objective is refused
