@@ -22,7 +22,7 @@ WORDS = ("the king shall speak of love and war to his lords while the queen sing
 
 @functools.lru_cache(maxsize=None)
 def gpt2_from_fixture():
-    """The GPT-2 encoding built from the committed ranks file, as ENVIRONMENT.md describes."""
+    """The GPT-2 encoding built from the committed ranks file (tiktoken would download it)."""
     import tiktoken
     from tiktoken.load import load_tiktoken_bpe
     from tiktoken_ext.openai_public import r50k_pat_str
@@ -45,15 +45,17 @@ def write_text(path, n_words=3000, seed=0):
 
 
 def tiny_args(tmp_path, data, *extra):
-    return ["--data", str(data), "--model", "tiny", "--layers", "1", "--width", "32", "--heads", "2", "--cond-dim", "16",
-            "--latent-dim", "4", "--block-size", "16", "--max-iters", "6", "--batch-size", "8", "--warmup-iters", "2",
-            "--num-eval", "8", "--eval-batch", "8", "--num-samples", "4", "--sample-batch", "4", "--iw-samples", "2",
-            "--steps", "1,2", "--eval-model", "none", "--log-interval", "2", "--eval-interval", "3",
-            "--ckpt-interval", "3", "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *extra]
+    return ["--data", str(data), "--preset", "cpu", "--layers", "1", "--width", "32", "--heads", "2",
+            "--cond-dim", "16", "--latent-dim", "4", "--block-size", "16", "--max-iters", "6", "--batch-size", "8",
+            "--warmup-iters", "2", "--num-eval", "8", "--eval-batch", "8", "--num-samples", "4", "--sample-batch", "4",
+            "--iw-samples", "2", "--steps", "1,2", "--eval-model", "none", "--log-interval", "2",
+            "--eval-interval", "3", "--ckpt-interval", "3", "--out-dir", str(tmp_path / "out"),
+            "--cache-dir", str(tmp_path / "cache"), *extra]
 
 
 def check_outputs(out, metrics, vocab_size, samplers, steps=(1, 2), num=4, block=16):
-    """Every output file is written; samples hold only real token ids; metrics.json has the STYLE.md shape."""
+    """Every output file is written; samples hold only real token ids; metrics.json has the shared shape (one
+    entry per method under config, likelihood and training; by_steps rows)."""
     names = ["metrics.json", "training.png", "bounds.png"] + [f"ckpt_{m}.pt" for m in {s[:4] for s in samplers}]
     names += [f"samples_{s}_T{T}.{ext}" for s in samplers for T in steps for ext in ("npy", "txt")]
     for name in names:
@@ -64,7 +66,9 @@ def check_outputs(out, metrics, vocab_size, samplers, steps=(1, 2), num=4, block
             assert a.shape == (num, block) and a.dtype.kind == "i"
             assert a.min() >= 0 and a.max() < vocab_size  # no [M] (= vocab_size) left, nothing above
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["unit"] == "nats per token" and saved["config"]["vocab_size"] == vocab_size
+    methods = {s[:4] for s in samplers}
+    assert saved["unit"] == "nats per token" and set(saved["config"]) == methods
+    assert all(saved["config"][m]["vocab_size"] == vocab_size for m in methods)
     assert sorted((r["sampler"], r["steps"]) for r in saved["by_steps"]) == sorted((s, T) for s in samplers for T in steps)
     for row in saved["by_steps"]:
         assert row["bound"] > 0 and row["nfe"] >= 1 and row["sample_seconds"] >= 0
@@ -86,9 +90,10 @@ def test_gpt2_text_file_both_methods(tmp_path, capsys):
     metrics = vt.main(tiny_args(tmp_path, data, "--method", "both"))
     saved = check_outputs(tmp_path / "out", metrics, 50257, ["mdm", "vadd_cs"])
     lik = saved["likelihood"]
-    for key in ("mdm_nelbo", "delbo", "iw_delbo", "kl"):
-        assert math.isfinite(lik[key]) and lik[key + "_se"] >= 0, key
-    assert lik["iw_samples"] == 2 and lik["bounds"] == {"mdm_nelbo": True, "delbo": False, "iw_delbo": False}
+    for method, key in (("mdm", "mdm_nelbo"), ("vadd", "delbo"), ("vadd", "iw_delbo"), ("vadd", "kl")):
+        assert math.isfinite(lik[method][key]) and lik[method][key + "_se"] >= 0, key
+    assert lik["vadd"]["iw_samples"] == 2 and "iw_samples" not in lik["mdm"]
+    assert saved["bounds"] == {"mdm_nelbo": True, "delbo": False, "iw_delbo": False}
     # a KL is >= 0; at the prior common.gaussian_kl sums exp(lv) - 1 - lv in float32 and can round to -1e-8
     assert saved["training"]["vadd"]["tokens_per_s"] > 0 and saved["training"]["vadd"]["final_kl"] > -1e-6
     # the cached tokens are the GPT-2 ids of the file, 90% / 10%
@@ -101,6 +106,9 @@ def test_gpt2_text_file_both_methods(tmp_path, capsys):
     assert text.count("=" * 40) == 3
     out = capsys.readouterr().out
     assert "VADD DELBO (not a bound)" in out and "MDM NELBO (bound" in out and "tok/s" in out and "eta" in out
+    for method, name in (("mdm", "NELBO"), ("vadd", "DELBO")):  # validation at --eval-interval 3 and at the end
+        assert [f"[{method}] iter {it:7d} | validation {name}" in out for it in (3, 6)] == [True, True]
+    assert "nats/token (EMA weights, lambda 1)" in out
 
 
 def test_char_tokens_are_cached_and_decode_back(tmp_path, capsys):
@@ -146,7 +154,7 @@ def test_eval_only_and_sample_only_reproduce_the_run(tmp_path):
     first = vt.main(tiny_args(tmp_path, data, "--method", "vadd"))
     again = vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--eval-only"))
     for key in ("delbo", "iw_delbo", "kl"):
-        assert again["likelihood"][key] == first["likelihood"][key], key
+        assert again["likelihood"]["vadd"][key] == first["likelihood"]["vadd"][key], key
     for a, b in zip(first["by_steps"], again["by_steps"]):
         assert a["bound"] == b["bound"] and a["entropy"] == b["entropy"]
     saved = np.load(tmp_path / "out" / "samples_vadd_cs_T2.npy")
@@ -187,7 +195,7 @@ def test_lm1b_preparation_follows_mdlm_wrap(tmp_path, monkeypatch):
     wrapped = lambda s: [t for x in s for t in tok(x)["input_ids"]]  # noqa: E731 ([CLS] ... [SEP] each)
     assert np.fromfile(folder / "train.bin", np.uint16).tolist() == wrapped(train)
     assert np.fromfile(folder / "val.bin", np.uint16).tolist() == wrapped(test)
-    assert metrics["config"]["block_size"] == 16 and metrics["config"]["vocab_size"] == tok.vocab_size
+    assert metrics["config"]["mdm"]["block_size"] == 16 and metrics["config"]["mdm"]["vocab_size"] == tok.vocab_size
     assert vt.parse_config(["--data", "lm1b", "--cache-dir", str(tmp_path / "cache")]).block_size == 128
 
 
@@ -256,7 +264,8 @@ def test_ddp_two_processes_read_different_windows(tmp_path):
     rng = np.random.default_rng(0)
     cfg = vt.parse_config(argv)
     for it in range(4):
-        assert sorted(windows[0][it] + windows[1][it]) == sorted(vt.window_offsets(rng, n_train, cfg, 1).ravel().tolist())
+        one_process = vt.window_offsets(rng, n_train, cfg, 0, 1).ravel().tolist()
+        assert sorted(windows[0][it] + windows[1][it]) == sorted(one_process)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())  # rank 0 finished and wrote the results
     assert {r["sampler"] for r in saved["by_steps"]} == {"vadd_cs"}
 
@@ -321,6 +330,17 @@ def small_cfg(tmp_path, *extra):
     return cfg
 
 
+def test_preset_gives_the_sizes_and_flags_given_win(tmp_path):
+    cpu = small_cfg(tmp_path, "--width", "64", "--rec-heads", "2")  # tiny_args: --preset cpu --layers 1 ...
+    assert (cpu.layers, cpu.width, cpu.heads, cpu.cond_dim, cpu.latent_dim, cpu.dropout) == (1, 64, 2, 16, 4, 0.0)
+    assert (cpu.rec_layers, cpu.rec_width, cpu.rec_heads) == (1, 64, 2)
+    gpu = vt.parse_config(["--data", "shakespeare", "--preset", "gpu", "--eval-model", "none",
+                           "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    assert (gpu.layers, gpu.width, gpu.heads, gpu.cond_dim, gpu.latent_dim, gpu.dropout) == (12, 768, 12, 128, 512, 0.1)
+    assert (gpu.rec_layers, gpu.rec_width, gpu.rec_heads, gpu.block_size) == (12, 768, 12, 256)
+    assert vt.parse_config(["--data", "shakespeare", "--preset", "cpu", "--eval-model", "none"]).width == 128
+
+
 def test_fresh_denoiser_is_uniform_over_real_tokens(tmp_path):
     torch.manual_seed(0)
     cfg = small_cfg(tmp_path)
@@ -328,7 +348,7 @@ def test_fresh_denoiser_is_uniform_over_real_tokens(tmp_path):
     xt = torch.randint(0, 12, (64, 16))  # ids 0..11, 11 = [M]
     logits = model.denoise(xt, torch.rand(64), torch.randn(64, cfg.latent_dim))
     assert logits.shape == (64, 16, 11) and torch.all(logits == 0)  # adaLN-zero: uniform over the 11 real tokens
-    # hence the NELBO of any data is log V per token (REFERENCE.md section 6)
+    # hence the NELBO of any data is log V per token
     x0 = torch.randint(0, 11, (4096, 16))
     loss, kl = vt.delbo(model, x0, 1.0)
     per_token = loss.double() / 16
@@ -397,7 +417,7 @@ def test_samplers_count_calls_and_reuse_only_where_valid(tmp_path):
     (["--batch-size", "6", "--grad-accum", "4"], "must be a multiple of"),
     (["--eval-only", "--sample-only"], "give one of --eval-only and --sample-only"),
     (["--tokenizer", "bpe"], "invalid choice: 'bpe'"),
-    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number >= 1"),
 ])
 def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
     data = write_text(tmp_path / "poem.txt")
@@ -445,7 +465,7 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     data = write_prepared(tmp_path / "ids", 19)
     vt.main(tiny_args(tmp_path, data, "--method", "mdm"))
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    with pytest.raises(SystemExit, match=r"was trained with width 32 \(now 48\): pass the same flags"):
+    with pytest.raises(SystemExit, match=r"was trained with --width 32 \(now 48\): pass the same flags"):
         vt.main(tiny_args(tmp_path, data, "--method", "mdm", "--width", "48", "--resume"))
     with pytest.raises(SystemExit, match="ckpt_vadd.pt does not exist"):
         vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--eval-only"))
@@ -464,13 +484,14 @@ def test_default_scorer_is_skipped_without_transformers_but_an_asked_one_is_requ
 
 
 # ----------------------------------------------------------------------------------------------------------
-# --objective steps (REFERENCE.md section 3b)
+# --objective steps (docs/method.md)
 
 def test_steps_objective_end_to_end_and_its_recognition_sees_everything_masked(tmp_path):
     data = write_prepared(tmp_path / "ids", 37)
     metrics = vt.main(tiny_args(tmp_path, data, "--method", "both", "--objective", "steps", "--train-steps", "1,3"))
     saved = check_outputs(tmp_path / "out", metrics, 37, ["mdm", "vadd_cs"])
-    assert saved["config"]["objective"] == "steps" and saved["config"]["train_steps"] == [1, 3]
+    assert all(saved["config"][m]["objective"] == "steps" and saved["config"][m]["train_steps"] == [1, 3]
+               for m in ("mdm", "vadd"))
     cfg = small_cfg(tmp_path, "--objective", "steps")
     model = vt.Model(cfg, "vadd", 11)
     masks, forward = [], model.recognition.forward
