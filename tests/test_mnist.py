@@ -49,9 +49,9 @@ def tiny_args(tmp_path, *extra):
     data = tmp_path / "data"
     if not data.exists():
         write_mnist(data)
-    return ["--data", str(data), "--width", "8", "--mults", "1,2", "--patch", "4", "--attn-res", "4",
-            "--num-blocks", "1", "--latent-dim", "4", "--dropout", "0", "--max-iters", "6", "--batch-size", "8",
-            "--warmup-iters", "2", "--ema", "0.5", "--val-size", "16", "--num-test", "16", "--eval-batch", "16",
+    return ["--data", str(data), "--channels", "8", "--channel-mult", "1,2", "--patch", "4", "--attn-res", "4",
+            "--num-res-blocks", "1", "--latent-dim", "4", "--dropout", "0", "--max-iters", "6", "--batch-size", "8",
+            "--warmup-iters", "2", "--ema", "0.5", "--val-images", "16", "--num-eval", "16", "--eval-batch", "16",
             "--num-samples", "6", "--sample-batch", "6", "--steps", "1,3", "--iw-samples", "2",
             "--log-interval", "3", "--eval-interval", "3", "--ckpt-interval", "3", "--device", "cpu",
             "--out-dir", str(tmp_path / "out"), *extra]
@@ -106,7 +106,7 @@ def test_download_tries_the_next_mirror_and_keeps_only_checked_files(tmp_path, m
     cache = tmp_path / "cache"
     mnist.download_mnist(str(cache))
     assert sorted(os.listdir(cache)) == sorted(mnist.MNIST_MD5)
-    cfg = mnist.parse_config(["--cache-dir", str(cache), "--val-size", "20", "--device", "cpu"])
+    cfg = mnist.parse_config(["--cache-dir", str(cache), "--val-images", "20", "--device", "cpu"])
     train, val, test = mnist.load_mnist(cfg)
     assert (len(train), len(val), len(test)) == (100, 20, 24)
     expected = mnist.binarize(mnist.read_idx(os.path.join(good, "t10k-images-idx3-ubyte.gz")))
@@ -202,13 +202,13 @@ def test_recognition_sees_x0_and_the_mask(tmp_path):
 
 
 def test_fresh_denoiser_gives_nelbo_1024_log_2(tmp_path):
-    """REFERENCE.md section 6: a uniform denoiser costs L log V per image in expectation over t and x_t."""
+    """A uniform denoiser costs L log V per image in expectation over t and x_t (docs/method.md)."""
     torch.manual_seed(1)
     cfg = mnist.parse_config(tiny_args(tmp_path))
     model = mnist.Model(cfg, "mdm")
     x0 = torch.randint(0, 2, (4096, 32, 32))
     with torch.no_grad():
-        loss, _ = mnist.delbo(model, x0, model.schedule, 0.0)
+        loss, _ = mnist.delbo(model, x0, 0.0)
     se = loss.std().item() / math.sqrt(len(loss))
     assert abs(loss.mean().item() - 1024 * math.log(2)) < 4 * se
 
@@ -257,9 +257,10 @@ def test_main_writes_every_output(tmp_path, capsys):
             a = np.load(out / f"samples_{s}_T{T}.npy")
             assert a.shape == (6, 32, 32) and a.dtype == np.uint8 and set(np.unique(a)) <= {0, 1}  # no [M] = 2
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["unit"].startswith("bits per dimension") and saved["config"]["width"] == 8
-    for key in ("mdm_nelbo", "delbo", "iw_delbo", "iw_samples"):
-        assert key in saved["likelihood"], key
+    assert saved["unit"].startswith("bits per dimension") and saved["config"]["vadd"]["channels"] == 8
+    assert set(saved["likelihood"]["mdm"]) == {"mdm_nelbo", "mdm_nelbo_se"}
+    assert set(saved["likelihood"]["vadd"]) == {"delbo", "delbo_se", "iw_delbo", "iw_delbo_se", "iw_samples"}
+    assert saved["training"]["mdm"]["iters"] == saved["training"]["vadd"]["iters"] == 6
     assert len(saved["by_steps"]) == 6
     for row in saved["by_steps"]:
         for key in ("sampler", "steps", "bound", "bound_se", "sample_seconds", "nfe", "nn_hamming"):
@@ -267,7 +268,25 @@ def test_main_writes_every_output(tmp_path, capsys):
         assert 0.5 < row["bound"] < 1.5 and 1 <= row["nfe"] <= row["steps"]  # near 1 bpd: a barely trained model
     assert metrics["by_steps"] == saved["by_steps"]
     printed = capsys.readouterr().out
-    assert "VADD DELBO (not a bound)" in printed and "img/s" in printed and "eta" in printed
+    assert "VADD DELBO (not a bound)" in printed and "images/s" in printed and "eta" in printed
+
+
+def test_grad_accum_runs_each_batch_in_micro_batches_and_steps_once(tmp_path, monkeypatch):
+    """--grad-accum 2: each iteration runs the objective on two halves of the batch at the same lambda, then
+    steps the optimizer (and the EMA) once."""
+    seen, updates, forward, update = [], [], mnist.Model.forward, common.EMA.update
+
+    def spy(self, x0, kl_weight):
+        if torch.is_grad_enabled():  # training, not validation or evaluation
+            seen.append((len(x0), float(kl_weight)))
+        return forward(self, x0, kl_weight)
+
+    monkeypatch.setattr(mnist.Model, "forward", spy)
+    monkeypatch.setattr(common.EMA, "update", lambda self, model: (updates.append(1), update(self, model)))
+    mnist.main(tiny_args(tmp_path, "--method", "vadd", "--grad-accum", "2", "--max-iters", "4", "--kl-warmup", "4",
+                         "--steps", "1", "--num-samples", "2"))
+    assert seen == [(4, 0.0), (4, 0.0), (4, 0.25), (4, 0.25), (4, 0.5), (4, 0.5), (4, 0.75), (4, 0.75)]
+    assert len(updates) == 4
 
 
 def test_resume_matches_a_run_straight_through(tmp_path, monkeypatch):
@@ -312,14 +331,17 @@ def test_eval_only_and_sample_only_use_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "ddpm"], "invalid choice: 'ddpm'"),
-    (["--width", "12"], "must be a multiple of 8"),
+    (["--channels", "12"], "must be a multiple of 8"),
     (["--steps", "0"], "positive whole number"),
-    (["--mults", "1,x"], "whole numbers separated by commas"),
-    (["--mults", "1,2,2,2,2"], "too many levels"),
+    (["--channel-mult", "1,x"], "whole numbers separated by commas"),
+    (["--channel-mult", "1,2,2,2,2"], "too many levels"),
     (["--attn-res", "5"], "the UNet's resolutions are [8, 4]"),
+    (["--attn-res", "4,x"], "whole numbers separated by commas"),
     (["--patch", "3"], "invalid choice: 3"),
-    (["--num-samples", "0"], "--num-samples must be at least 1"),
-    (["--lr", "-1"], "--lr must be positive"),
+    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number >= 1"),
+    (["--lr", "-1"], "argument --lr: '-1' is not a finite number in (0, inf]"),
+    (["--lr", "nan"], "argument --lr: 'nan' is not a finite number in (0, inf]"),
+    (["--batch-size", "8", "--grad-accum", "3"], "must split evenly"),
     (["--eval-only", "--sample-only"], "not allowed with argument"),
     (["--data", "/nonexistent/mnist"], "is not a folder"),
 ])
@@ -343,8 +365,8 @@ def test_missing_or_damaged_data_stops_before_writing(tmp_path):
         f.write(idx_bytes(np.zeros(24)))  # a labels file under the images' name
     with pytest.raises(SystemExit, match=r"the t10k images have shape \(24,\), not \(N, 28, 28\)"):
         mnist.main(tiny_args(tmp_path, "--data", data))
-    with pytest.raises(SystemExit, match="--val-size 500 leaves no training images"):
-        mnist.main(tiny_args(tmp_path, "--val-size", "500"))
+    with pytest.raises(SystemExit, match="--val-images 500 leaves no training images"):
+        mnist.main(tiny_args(tmp_path, "--val-images", "500"))
     assert not (tmp_path / "out").exists()
 
 
@@ -357,13 +379,13 @@ def test_out_dir_under_a_regular_file_is_refused(tmp_path, capsys):
 
 
 def test_incompatible_or_missing_checkpoint_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="ckpt_mdm.pt does not exist: train the mdm model first"):
+    with pytest.raises(SystemExit, match="ckpt_mdm.pt does not exist: train first"):
         mnist.main(tiny_args(tmp_path, "--method", "mdm", "--eval-only"))
     assert not (tmp_path / "out").exists()
     mnist.main(tiny_args(tmp_path, "--method", "mdm"))
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     with pytest.raises(SystemExit, match="was trained with .* pass the same flags"):
-        mnist.main(tiny_args(tmp_path, "--method", "mdm", "--width", "16", "--resume"))
+        mnist.main(tiny_args(tmp_path, "--method", "mdm", "--channels", "16", "--resume"))
     (tmp_path / "out" / "ckpt_vadd.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read .*ckpt_vadd.pt"):
         mnist.main(tiny_args(tmp_path, "--method", "vadd", "--eval-only"))
@@ -372,9 +394,10 @@ def test_incompatible_or_missing_checkpoint_is_refused(tmp_path):
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):
-    """torchrun with the gloo backend: both ranks train on their halves of each batch and stay in step;
-    rank 0 alone writes the outputs."""
-    args = tiny_args(tmp_path, "--method", "vadd", "--steps", "1", "--num-samples", "2", "--max-iters", "3")
+    """torchrun with the gloo backend: both ranks train on their halves of each batch (in two micro-batches,
+    the first without DDP's all-reduce) and stay in step; rank 0 alone writes the outputs."""
+    args = tiny_args(tmp_path, "--method", "vadd", "--steps", "1", "--num-samples", "2", "--max-iters", "3",
+                     "--grad-accum", "2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "vadd_mnist.py"), *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -385,11 +408,11 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# --objective steps (REFERENCE.md section 3b)
+# --objective steps (docs/method.md)
 
 def test_steps_objective_end_to_end_and_its_recognition_sees_everything_masked(tmp_path):
     metrics = mnist.main(tiny_args(tmp_path, "--objective", "steps", "--train-steps", "1,3"))
-    assert metrics["config"]["objective"] == "steps" and metrics["config"]["train_steps"] == [1, 3]
+    assert metrics["config"]["vadd"]["objective"] == "steps" and metrics["config"]["vadd"]["train_steps"] == [1, 3]
     assert {r["sampler"] for r in metrics["by_steps"]} == {"mdm", "vadd", "vadd_cs"}
     assert all(math.isfinite(r["bound"]) for r in metrics["by_steps"])
     cfg = mnist.parse_config(tiny_args(tmp_path, "--objective", "steps"))
