@@ -9,14 +9,13 @@ VADD conditions the UNet on a per-image latent z (test bpd 2.80 MDLM vs 2.74 VAD
     torchrun --nproc_per_node 8 vadd_cifar.py               # the same on 8 GPUs
     python vadd_cifar.py --preset cpu --data DIR            # a small smoke run on a CPU
 
-Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main.
-The method and its pitfalls: REFERENCE.md; shared pieces (schedule, reverse step, bounds): common.py.
+Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main, plots.
+The method: docs/method.md; what all scripts share (schedule, reverse step, bounds, run utilities): common.py.
 """
 import argparse
 import contextlib
 import copy
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -29,25 +28,25 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
 
-SAMPLERS = {"mdm": "MDM", "vadd": "VADD vanilla (fresh z each step)", "vadd_cs": "VADD-CS (one z per image)"}
 V, MASK, SHAPE = 256, 256, (32, 32, 3)  # sub-pixel values, the [M] id, token layout (height, width, colour)
-D = 32 * 32 * 3  # tokens per image: bits per dimension = nats per image / (D ln 2)
+D = 32 * 32 * 3  # tokens per image
 
-# Presets fill every flag left unset. paper: the UNet of DDPM for CIFAR-10 (Ho et al. 2020: 128 channels,
+# Presets fill every flag left unset. gpu: the UNet of DDPM for CIFAR-10 (Ho et al. 2020: 128 channels,
 # multipliers 1,2,2,2, two residual blocks per resolution, attention at 16 x 16, dropout 0.1; about 36M
 # parameters), batch 128, lr 2e-4 with 5000 warm-up steps, EMA 0.9999, and the paper's 2M iterations.
 # cpu: a small UNet that trains in minutes on two cores.
 PRESETS = {
-    "paper": dict(channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1, embed_dim=32,
-                  latent_dim=128, max_iters=2_000_000, batch_size=128, lr=2e-4, warmup_iters=5000, ema=0.9999,
-                  kl_warmup=100_000, num_samples=50_000, sample_batch=1000, num_eval=10_000, eval_batch=500,
-                  iw_samples=32, val_images=1000, log_interval=100, eval_interval=20_000, ckpt_interval=5000),
+    "gpu": dict(channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1, embed_dim=32,
+                latent_dim=128, max_iters=2_000_000, batch_size=128, lr=2e-4, warmup_iters=5000, ema=0.9999,
+                kl_warmup=100_000, num_samples=50_000, sample_batch=1000, num_eval=10_000, eval_batch=500,
+                iw_samples=32, val_images=1000, log_interval=100, eval_interval=20_000, ckpt_interval=5000),
     "cpu": dict(channels=32, channel_mult="1,2,2", num_res_blocks=1, attn_res="8", dropout=0.0, embed_dim=8,
                 latent_dim=32, max_iters=1000, batch_size=32, lr=1e-3, warmup_iters=100, ema=0.99,
                 kl_warmup=500, num_samples=128, sample_batch=128, num_eval=500, eval_batch=100,
@@ -57,59 +56,61 @@ PRESETS = {
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    whole, number = common.whole, common.number
 
     def a(flag, *args, help="", **kw):  # flags a preset fills show both presets' values in --help
         key = flag[2:].replace("-", "_")
-        if key in PRESETS["paper"]:
-            help += f" (paper: {PRESETS['paper'][key]}, cpu: {PRESETS['cpu'][key]})"
+        if key in PRESETS["gpu"]:
+            help += f" (gpu: {PRESETS['gpu'][key]}, cpu: {PRESETS['cpu'][key]})"
         p.add_argument(flag, *args, help=help, **kw)
 
-    a("--preset", default="paper", choices=tuple(PRESETS), help="defaults for every flag left unset")
+    a("--preset", default="gpu", choices=tuple(PRESETS), help="defaults for every flag left unset (default gpu)")
     a("--method", default="both", choices=("mdm", "vadd", "both"),
       help="train MDM, VADD, or both one after the other with the same seed, data and budget (default both)")
     # data
-    a("--data", default=None, help="folder with the extracted data_batch_*.bin and test_batch.bin (no network); "
-                                   "default: download cifar-10-binary.tar.gz once into --cache-dir")
+    a("--data", type=batch_folder, default=None, help="folder with the extracted data_batch_*.bin and "
+      "test_batch.bin (no network); default: download cifar-10-binary.tar.gz once into --cache-dir")
     a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd"), help="download cache")
-    a("--val-images", type=int, help="training images set aside for validation during training")
+    a("--val-images", type=whole(), help="training images set aside for validation during training")
     a("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flips (default on)")
     # model
-    a("--channels", type=int, help="UNet base channels")
-    a("--channel-mult", help="channel multiplier per resolution, comma separated (32, 16, 8, 4 pixels)")
-    a("--num-res-blocks", type=int, help="residual blocks per resolution")
-    a("--attn-res", help="resolutions with self-attention, comma separated ('' for none)")
-    a("--dropout", type=float, help="dropout in the residual blocks")
-    a("--embed-dim", type=int, help="embedding size of one sub-pixel value; three are concatenated per pixel")
+    a("--channels", type=group_channels, help="UNet base channels, a multiple of 4")
+    a("--channel-mult", type=multipliers, help="channel multiplier per resolution (32, 16, 8, 4 pixels)")
+    a("--num-res-blocks", type=whole(), help="residual blocks per resolution")
+    a("--attn-res", type=resolutions, help="resolutions with self-attention, comma separated ('' for none)")
+    a("--dropout", type=number(0, 1, open_high=True), help="dropout in the residual blocks")
+    a("--embed-dim", type=whole(), help="embedding size of one sub-pixel value; three are concatenated per pixel")
     a("--time-cond", default=False, action=argparse.BooleanOptionalAction,
       help="feed t to the denoiser (default off: the optimal masked denoiser ignores t, and samplers can then "
            "reuse its output while an image is unchanged)")
-    a("--latent-dim", type=int, help="size of z (VADD); a global code per image, small next to its 3072 tokens")
+    a("--latent-dim", type=whole(), help="size of z (VADD), a code per image: small next to its 3072 tokens")
     a("--schedule", default="linear", choices=common.SCHEDULES, help="masking schedule alpha(t) (default linear)")
     a("--objective", default="delbo", choices=("delbo", "steps"),
       help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
-           "consistency sampler (MDM: of the K-step sampler), REFERENCE.md section 3b (default delbo)")
-    a("--train-steps", default="1,2,4,8", help="budgets K for --objective steps, one drawn per image")
+           "consistency sampler (MDM: of the K-step sampler), docs/method.md (default delbo)")
+    a("--train-steps", type=common.counts, default="1,2,4,8", help="budgets K of --objective steps, one per image")
     # budget and optimisation
-    a("--max-iters", type=int, help="optimizer steps per method")
-    a("--batch-size", type=int, help="images per optimizer step, over all GPUs and accumulation steps")
-    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step on each GPU (default 1)")
-    a("--lr", type=float, help="peak learning rate of AdamW")
-    a("--warmup-iters", type=int, help="linear learning-rate warm-up, then cosine decay to lr/10")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    a("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (default 1)")
-    a("--ema", type=float, help="EMA decay of the weights used for evaluation and sampling (0 = off)")
-    a("--kl-warmup", type=int, help="iterations over which lambda rises to 1")
-    a("--kl-start", type=float, default=0.0, help="lambda at iteration 0 (default 0)")
+    a("--max-iters", type=whole(0), help="optimizer steps per method")
+    a("--batch-size", type=whole(), help="images per optimizer step, over all GPUs and accumulation steps")
+    a("--grad-accum", type=whole(), default=1, help="micro-batches per optimizer step on each GPU (default 1)")
+    a("--lr", type=number(0, open_low=True), help="peak learning rate of AdamW")
+    a("--warmup-iters", type=whole(0), help="linear learning-rate warm-up, then cosine decay to lr/10")
+    a("--weight-decay", type=number(0), default=0.0, help="AdamW weight decay (default 0)")
+    a("--grad-clip", type=number(0, open_low=True), default=1.0, help="gradient-norm clipping (default 1)")
+    a("--ema", type=number(0, 1, open_high=True), help="EMA decay of the evaluated and sampled weights (0 = off)")
+    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1")
+    a("--kl-start", type=number(0, 1), default=0.0, help="lambda at iteration 0 (default 0)")
     # sampling and evaluation
-    a("--steps", default="1,5,10,20,50,100", help="denoising step counts, comma separated (default %(default)s)")
-    a("--num-samples", type=int, help="images drawn per sampler and step count")
-    a("--sample-batch", type=int, help="images per sampling batch on each GPU")
-    a("--num-eval", type=int, help="test images for the likelihoods (10000 = all)")
-    a("--eval-batch", type=int, help="images per evaluation batch on each GPU")
-    a("--iw-samples", type=int, help="draws of z for the importance-weighted DELBO")
-    a("--fid", type=int, default=0, help="FID on this many samples per sampler and step count, against the "
-                                         "training set (needs torchmetrics and torch-fidelity; default 0 = off)")
-    a("--fid-weights", default=None, help="a local copy of torch-fidelity's Inception weights (offline machines)")
+    a("--steps", type=common.counts, default="1,5,10,20,50,100", help="denoising step counts, e.g. 1,5")
+    a("--num-samples", type=whole(), help="images drawn per sampler and step count")
+    a("--sample-batch", type=whole(), help="images per sampling batch on each GPU")
+    a("--num-eval", type=whole(), help="test images for the likelihoods (10000 = all)")
+    a("--eval-batch", type=whole(), help="images per evaluation batch on each GPU")
+    a("--iw-samples", type=whole(), help="draws of z for the importance-weighted DELBO")
+    a("--fid", type=whole(0), default=0, help="FID on this many samples per sampler and step count, against "
+      "the training set (needs torchmetrics and torch-fidelity; default 0 = off)")
+    a("--fid-weights", type=existing_file, default=None,
+      help="a local copy of torch-fidelity's Inception weights (offline machines)")
     # run
     a("--seed", type=int, default=0, help="seeds training, data and sampling (same for both methods)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: one GPU per process)")
@@ -118,41 +119,52 @@ def build_parser():
     a("--out-dir", default=os.path.join("out", "cifar"), help="output folder (default %(default)s)")
     a("--resume", action="store_true", help="continue training from ckpt_<method>.pt in --out-dir")
     a("--eval-only", action="store_true", help="no training: likelihoods, samples and FID from ckpt_<method>.pt")
-    a("--sample-only", action="store_true", help="no training, no likelihoods: samples and FID from the checkpoint")
-    a("--log-interval", type=int, help="iterations between progress lines")
-    a("--eval-interval", type=int, help="iterations between validation figures")
-    a("--ckpt-interval", type=int, help="iterations between checkpoints (and one at the end)")
+    a("--sample-only", action="store_true", help="no training, no likelihoods: samples and FID from checkpoints")
+    a("--log-interval", type=whole(), help="iterations between progress lines")
+    a("--eval-interval", type=whole(), help="iterations between validation figures")
+    a("--ckpt-interval", type=whole(), help="iterations between checkpoints (and one at the end)")
     return p
 
 
+def group_channels(text):
+    """argparse type: UNet base channels, a multiple of 4 (group normalisation takes groups of 4 or more)."""
+    value = common.whole(4)(text)
+    if value % 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 4 (group normalisation)")
+    return value
+
+
+def multipliers(text):
+    values = common.counts(text)
+    if len(values) > 4:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to 4 positive multipliers (32 x 32 down to 4 x 4)")
+    return values
+
+
+def resolutions(text):
+    return common.counts(text) if text.strip() else []
+
+
+def batch_folder(text):
+    missing = [f for f in TRAIN_FILES + [TEST_FILE] if not os.path.isfile(os.path.join(text, f))]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{text}: no {missing[0]} there; give the folder that holds the "
+                                         f"extracted binary batches (cifar-10-batches-bin), or leave --data out")
+    return text
+
+
+def existing_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
+
+
 def parse_config(argv=None):
-    """Parse and check every flag before anything is written; a bad value stops with one sentence."""
+    """Parse with the preset's values as defaults (flags given still win), then check what involves several
+    flags, before anything is written; a bad value stops with one sentence."""
     p = build_parser()
+    p.set_defaults(**PRESETS[p.parse_args(argv).preset])
     cfg = p.parse_args(argv)
-    for key, value in PRESETS[cfg.preset].items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    for name in ("steps", "train_steps", "channel_mult", "attn_res"):
-        text = str(getattr(cfg, name))
-        try:
-            setattr(cfg, name, [int(s) for s in text.split(",") if s.strip()])
-        except ValueError:
-            p.error(f"--{name.replace('_', '-')} {text!r}: give whole numbers separated by commas, e.g. 1,2,2")
-    for name in ("steps", "train_steps"):
-        if not getattr(cfg, name) or min(getattr(cfg, name)) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(cfg, name)}: every step count must be a positive whole number")
-    if not 1 <= len(cfg.channel_mult) <= 4 or min(cfg.channel_mult) < 1:
-        p.error(f"--channel-mult {cfg.channel_mult}: give 1 to 4 positive multipliers (32 x 32 down to 4 x 4)")
-    for name, low in [("channels", 4), ("num_res_blocks", 1), ("embed_dim", 1), ("latent_dim", 1), ("max_iters", 0),
-                      ("batch_size", 1), ("grad_accum", 1), ("warmup_iters", 0), ("kl_warmup", 0), ("num_samples", 1),
-                      ("sample_batch", 1), ("num_eval", 1), ("eval_batch", 1), ("iw_samples", 1), ("val_images", 1),
-                      ("fid", 0), ("log_interval", 1), ("eval_interval", 1), ("ckpt_interval", 1)]:
-        if getattr(cfg, name) < low:
-            p.error(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
-    if cfg.channels % 4:
-        p.error(f"--channels must be a multiple of 4 (group normalisation), got {cfg.channels}")
-    if cfg.lr <= 0 or not 0 <= cfg.ema < 1 or not 0 <= cfg.kl_start <= 1 or not 0 <= cfg.dropout < 1:
-        p.error("--lr must be positive, --ema and --dropout in [0, 1) and --kl-start in [0, 1]")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % (world * cfg.grad_accum):
         p.error(f"--batch-size {cfg.batch_size} must split evenly over {world} process(es) x --grad-accum "
@@ -161,35 +173,7 @@ def parse_config(argv=None):
         p.error(f"--fid {cfg.fid} needs as many samples: raise --num-samples (now {cfg.num_samples})")
     if cfg.eval_only + cfg.sample_only + cfg.resume > 1:
         p.error("choose at most one of --resume, --eval-only and --sample-only")
-    if cfg.data is not None:
-        missing = [f for f in TRAIN_FILES + [TEST_FILE] if not os.path.isfile(os.path.join(cfg.data, f))]
-        if missing:
-            p.error(f"--data {cfg.data}: no {missing[0]} there; give the folder that holds the extracted "
-                    f"CIFAR-10 binary batches (cifar-10-batches-bin), or leave --data out to download them")
-    if cfg.fid_weights is not None and not os.path.isfile(cfg.fid_weights):
-        p.error(f"--fid-weights {cfg.fid_weights}: no such file")
-    try:
-        cfg.device = str(common.pick_device(cfg.device))
-    except (ValueError, RuntimeError) as e:
-        p.error(str(e))
-    cuda = cfg.device.startswith("cuda")
-    cfg.dtype = cfg.dtype or ("bfloat16" if cuda else "float32")
-    cfg.compile = cuda if cfg.compile is None else cfg.compile
-    for folder in (cfg.out_dir, cfg.cache_dir):
-        blocker = next((q for q in _ancestors(folder) if os.path.exists(q) and not os.path.isdir(q)), None)
-        if blocker:
-            p.error(f"cannot create folder {folder!r}: {blocker!r} is a file, not a folder; choose another path")
-    return cfg
-
-
-def _ancestors(path):
-    path = os.path.abspath(path)
-    while True:
-        yield path
-        parent = os.path.dirname(path)
-        if parent == path:
-            return
-        path = parent
+    return common.finish_config(cfg, p, [cfg.out_dir, cfg.cache_dir])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,8 +225,9 @@ def cifar_folder(cfg):
         os.makedirs(unpacked)
         with tarfile.open(archive, "r:gz") as tar:  # only the six known members, by name: no path tricks
             for name in TRAIN_FILES + [TEST_FILE]:
-                with tar.extractfile(f"cifar-10-batches-bin/{name}") as src, open(os.path.join(unpacked, name), "wb") as dst:
-                    shutil.copyfileobj(src, dst)
+                with tar.extractfile(f"cifar-10-batches-bin/{name}") as src:
+                    with open(os.path.join(unpacked, name), "wb") as dst:
+                        shutil.copyfileobj(src, dst)
         os.replace(unpacked, folder)
         return folder
     finally:  # whatever happened, no partial archive or folder stays in the cache
@@ -258,7 +243,8 @@ def load_cifar(cfg):
     train = np.concatenate([read_batch(os.path.join(folder, f))[0] for f in TRAIN_FILES])
     test = read_batch(os.path.join(folder, TEST_FILE))[0]
     if cfg.val_images >= len(train):
-        raise SystemExit(f"--val-images {cfg.val_images} leaves none of the {len(train)} training images to train on")
+        raise SystemExit(f"--val-images {cfg.val_images} leaves none of the {len(train)} training images to "
+                         f"train on")
     order = np.random.default_rng(12345).permutation(len(train))
     return train[order[cfg.val_images:]], train[order[:cfg.val_images]], test
 
@@ -317,7 +303,7 @@ class Attention(nn.Module):
     def forward(self, x, c=None):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2)
-        q, k, v = qkv.contiguous().unbind(1)  # (B, heads, pixels, channels), channels contiguous: the fused kernels
+        q, k, v = qkv.contiguous().unbind(1)  # (B, heads, pixels, channels), channels contiguous: fused kernels
         h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj(h)
 
@@ -376,14 +362,17 @@ class Denoiser(nn.Module):
 
     def __init__(self, cfg, latent_dim=0):
         super().__init__()
-        ch, self.time_cond = cfg.channels, cfg.time_cond
+        ch = cfg.channels
         cond = 4 * ch if (latent_dim or cfg.time_cond) else 0
         self.time = nn.Sequential(nn.Linear(ch, cond), nn.SiLU(), nn.Linear(cond, cond)) if cfg.time_cond else None
-        self.latent = nn.Sequential(nn.Linear(latent_dim, cond), nn.SiLU(), nn.Linear(cond, cond)) if latent_dim else None
+        self.latent = None
+        if latent_dim:
+            self.latent = nn.Sequential(nn.Linear(latent_dim, cond), nn.SiLU(), nn.Linear(cond, cond))
         self.embed = SubPixelEmbedding(cfg.embed_dim)
         self.encoder = Encoder(cfg, 3 * cfg.embed_dim, cond)
         c, res = self.encoder.out_channels, self.encoder.out_res
-        self.middle = nn.ModuleList([ResBlock(c, c, cond, cfg.dropout), Attention(c), ResBlock(c, c, cond, cfg.dropout)])
+        self.middle = nn.ModuleList([ResBlock(c, c, cond, cfg.dropout), Attention(c),
+                                     ResBlock(c, c, cond, cfg.dropout)])
         self.decoder, skips = nn.ModuleList(), list(self.encoder.channels)
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for _ in range(cfg.num_res_blocks + 1):
@@ -440,81 +429,98 @@ class Recognition(nn.Module):
     def forward(self, x0, masked):
         h = torch.cat([self.embed(x0), masked.permute(0, 3, 1, 2).float()], 1)
         h = self.head(self.encoder(h)[-1]).mean((2, 3))
-        return self.out(h).float().chunk(2, -1)
+        return self.out(h).float().chunk(2, -1)  # z's noise in float32
 
 
 class Model(nn.Module):
     """The denoiser and, for VADD, the recognition model: one module, so one optimizer, EMA, checkpoint and
-    DDP wrapper (whose forward is the training loss)."""
+    DDP wrapper. denoise() is the only way anything calls the denoiser; forward() is the training loss."""
 
     def __init__(self, cfg, method):
         super().__init__()
-        self.latent_dim = cfg.latent_dim if method == "vadd" else 0
+        self.method, self.objective, self.train_steps = method, cfg.objective, cfg.train_steps
+        self.latent_dim, self.mask_id = cfg.latent_dim if method == "vadd" else 0, MASK
+        self.time_cond = cfg.time_cond  # the samplers rerun the denoiser at every step when it reads t
         self.schedule = common.Schedule(cfg.schedule)
-        self.objective, self.train_steps = cfg.objective, cfg.train_steps
         self.denoiser = Denoiser(cfg, self.latent_dim)
         self.recognition = Recognition(cfg, self.latent_dim) if self.latent_dim else None
 
-    def denoise(self, xt, t, z):  # the signature common.py's estimators call
+    def denoise(self, xt, t, z):
         return self.denoiser(xt, t, z)
 
     def forward(self, x0, kl_weight):
-        if self.objective == "steps":  # the valid bound of the K-step consistency sampler (REFERENCE.md 3b)
-            return common.steps_loss(x0, self.denoise, self.schedule, MASK, self.train_steps, self.recognition,
-                                     kl_weight)
-        return delbo(self, x0, self.schedule, kl_weight)
+        if self.objective == "steps":  # the valid bound of the K-step consistency sampler (docs/method.md)
+            return common.steps_loss(x0, self.denoise, self.schedule, self.mask_id, self.train_steps,
+                                     self.recognition, kl_weight)
+        return delbo(self, x0, kl_weight)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Objective: the paper's DELBO (REFERENCE.md section 2; MDM's NELBO is the same without z). --objective steps
-# trains the valid bound of the K-step sampler instead (section 3b), common.steps_loss
+# Objective: the paper's DELBO (docs/method.md; MDM's NELBO is the same without z)
 
-def delbo(model, x0, schedule, kl_weight):
+def delbo(model, x0, kl_weight):
     """Per image, in nats: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
     t drawn low-discrepancy, x_t ~ q(x_t | x0), z ~ r reparameterised. Returns (loss, kl) per image; the KL,
     unweighted by w(t), is logged to watch for posterior collapse."""
-    t = common.sample_times(x0.shape[0], device=x0.device)
-    xt = common.forward_mask(x0, schedule.alpha(t), MASK)
-    masked = xt == MASK
+    t = common.sample_times(x0.shape[0], model.schedule.eps, x0.device)
+    xt = common.forward_mask(x0, model.schedule.alpha(t), model.mask_id)
+    masked = xt == model.mask_id
     z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
     if model.recognition is not None:
         mean, logvar = model.recognition(x0, masked)
         z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
-    nll = common.masked_nll(model.denoiser(xt, t, z), x0, masked)
-    return schedule.weight(t) * (nll + kl_weight * kl), kl
+    nll = common.masked_nll(model.denoise(xt, t, z), x0, masked)
+    return model.schedule.weight(t) * (nll + kl_weight * kl), kl
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Samplers: start from all-[M], T reverse steps on the grid t_i = i/T (common.reverse_step), in batches
+# Samplers: start from all-[M], T reverse steps on the grid t_i = i/T (common.reverse_step, float64 draws).
+# A sampler is the z it gives the denoiser at each step, from the z of the step before (None at the start).
+
+def no_latent(z, num, model):
+    return None
+
+
+def fresh_latent(z, num, model):
+    return torch.randn(num, model.latent_dim, device=next(model.parameters()).device)
+
+
+def one_latent(z, num, model):
+    return fresh_latent(z, num, model) if z is None else z
+
+
+SAMPLERS = {  # name: (label, the method whose model it samples, its z at each step)
+    "mdm": ("MDM", "mdm", no_latent),
+    "vadd": ("VADD vanilla (fresh z each step)", "vadd", fresh_latent),
+    "vadd_cs": ("VADD-CS (one z per image)", "vadd", one_latent),
+}
+
 
 @torch.no_grad()
-def sample(model, num, T, sampler, batch_size, dtype="float32"):
-    """sampler 'mdm': no z; 'vadd' (vanilla): a fresh z ~ N(0, I) at every step; 'vadd_cs' (consistency):
-    one z per image for all steps. The denoiser runs only on images that still hold a [M] and whose input
-    changed since its last call (MDM and VADD-CS without time input) or, for the vanilla sampler, got a new z.
+def sample(model, num, T, sampler, cfg):
+    """num images from `sampler` in T steps, in batches of --sample-batch. The denoiser runs only on images
+    that still hold a [M] and whose input (x_t, z or, with --time-cond, t) changed since its last call.
     Returns (uint8 images (num, 32, 32, 3), network evaluations per image)."""
-    device = next(model.parameters()).device
-    reuse = sampler != "vadd" and not model.denoiser.time_cond
+    device, latent = next(model.parameters()).device, SAMPLERS[sampler][2]
     images, evaluations = [], 0
-    for start in range(0, num, batch_size):
-        n = min(batch_size, num - start)
-        xt = torch.full((n, *SHAPE), MASK, dtype=torch.long, device=device)
+    for start in range(0, num, cfg.sample_batch):
+        n = min(cfg.sample_batch, num - start)
+        xt = torch.full((n, *SHAPE), model.mask_id, dtype=torch.long, device=device)
         logits = torch.empty(n, *SHAPE, V, device=device)
-        z = torch.randn(n, model.latent_dim, device=device) if sampler == "vadd_cs" else None
-        stale = torch.ones(n, dtype=torch.bool, device=device)
+        z, stale = None, torch.ones(n, dtype=torch.bool, device=device)
         for i in range(T, 0, -1):
-            if sampler == "vadd":
-                z = torch.randn(n, model.latent_dim, device=device)
-            t = torch.full((n,), i / T, device=device)
-            rows = ((stale | (not reuse)) & (xt == MASK).flatten(1).any(1)).nonzero().squeeze(1)
+            new_z = latent(z, n, model)
+            stale |= new_z is not z or model.time_cond
+            z, t = new_z, torch.full((n,), i / T, device=device)
+            rows = (stale & (xt == model.mask_id).flatten(1).any(1)).nonzero().squeeze(1)
             for part in rows.split(common.rows_per_call(D, V)) if len(rows) else ():
-                with common.autocast(device, dtype):
-                    logits[part] = model.denoiser(xt[part], t[part], None if z is None else z[part]).float()
+                with common.autocast(device, cfg.dtype):
+                    logits[part] = model.denoise(xt[part], t[part], None if z is None else z[part]).float()
             evaluations += len(rows)
             alpha_t, alpha_s = model.schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64))
-            xs = common.reverse_step(xt, logits, alpha_t, alpha_s, MASK)
+            xs = common.reverse_step(xt, logits, alpha_t, alpha_s, model.mask_id)
             stale, xt = (xs != xt).flatten(1).any(1), xs
-        assert not (xt == MASK).any(), "alpha = 1 at s = 0 reveals every position on the last step"
+        assert not (xt == model.mask_id).any(), "alpha = 1 at s = 0 reveals every position on the last step"
         images.append(xt.to(torch.uint8).cpu())
     return torch.cat(images).numpy(), evaluations / num
 
@@ -522,53 +528,42 @@ def sample(model, num, T, sampler, batch_size, dtype="float32"):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation: held-out likelihoods in bits per dimension, FID through torchmetrics
 
-BPD = 1 / (D * math.log(2))  # nats per image -> bits per sub-pixel
-
-
-def mean_se(x):
-    x = x.double()
-    return float(x.mean()) * BPD, float(x.std() / math.sqrt(len(x))) * BPD if len(x) > 1 else 0.0
+def bpd(nats):
+    """Nats per image -> bits per dimension (sub-pixel), the unit of every CIFAR-10 likelihood."""
+    return nats / (D * math.log(2))
 
 
 @torch.no_grad()
-def likelihoods(model, x0, cfg, rank=0, world=1):
-    """Test figures in bits per dimension, each with its standard error: the continuous-time NELBO (MDM) or
-    DELBO and its importance-weighted version (VADD; comparison figures, not bounds), and the valid T-step
-    bound of each sampler at every step count (the unbiased one-random-step estimate: one network call per
-    image). Each rank takes every world-th image; the per-image values are gathered."""
-    device, schedule = torch.device(cfg.device), model.schedule
-    vadd = model.recognition is not None
-    figures = {"delbo" if vadd else "mdm_nelbo": []}
-    if vadd:
-        figures["iw_delbo"] = []
-    samplers = ["vadd", "vadd_cs"] if vadd else ["mdm"]
-    figures.update({(s, T): [] for s in samplers for T in cfg.steps})
-    mine = x0[rank::world]
-    for x in mine.split(min(cfg.eval_batch, common.rows_per_call(D, V))):
+def likelihoods(model, x0, cfg):
+    """This rank's share x0 of the test images; figures over every rank in bits per dimension, each (mean,
+    standard error): the continuous-time NELBO (MDM) or DELBO and its importance-weighted version (VADD;
+    comparison figures, not bounds), and under (sampler, T) the valid T-step bound of each sampler (the
+    unbiased one-random-step estimate: one network call per image)."""
+    device, vadd = torch.device(cfg.device), model.recognition is not None
+    samplers = [s for s, (_, method, _) in SAMPLERS.items() if method == model.method]
+    keys = ["delbo", "iw_delbo"] if vadd else ["mdm_nelbo"]
+    figures = {key: [] for key in keys + [(s, T) for s in samplers for T in cfg.steps]}
+    for x in x0.split(min(cfg.eval_batch, common.rows_per_call(D, V))):
         x = x.to(device)
         with common.autocast(device, cfg.dtype):
-            figures["delbo" if vadd else "mdm_nelbo"].append(delbo(model, x, schedule, 1.0)[0])
+            figures[keys[0]].append(delbo(model, x, 1.0)[0])
             if vadd:
-                figures["iw_delbo"].append(common.iw_delbo(x, model.denoise, model.recognition, schedule, MASK,
-                                                           cfg.iw_samples))
+                figures["iw_delbo"].append(common.iw_delbo(x, model.denoise, model.recognition, model.schedule,
+                                                           model.mask_id, cfg.iw_samples))
             for s in samplers:
                 for T in cfg.steps:
-                    figures[(s, T)].append(common.step_bound(x, model.denoise, schedule, MASK, T, model.recognition, s))
-    return {k: mean_se(gather(torch.cat(v).float(), world)) for k, v in figures.items()}
+                    figures[s, T].append(common.step_bound(x, model.denoise, model.schedule, model.mask_id, T,
+                                                           model.recognition, s))
+    return {k: tuple(bpd(v) for v in common.mean_se(parts, device)) for k, parts in figures.items()}
 
 
-def gather(x, world):
-    """Every rank's x concatenated along dim 0 in rank order (ranks may hold different counts)."""
+def gather(images, world):
+    """Every rank's images (ranks may hold different counts), concatenated in rank order."""
     if world == 1:
-        return x.cpu()
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    padded = torch.zeros(int(max(sizes)), *x.shape[1:], dtype=x.dtype, device=x.device)
-    padded[:len(x)] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)]).cpu()
+        return images
+    parts = [None] * world
+    dist.all_gather_object(parts, images)
+    return np.concatenate(parts)
 
 
 def fid_metric(cfg):
@@ -592,10 +587,212 @@ def fid_metric(cfg):
 
 
 def fid_update(metric, images, real, batch=500):
-    device = metric.device
     for start in range(0, len(images), batch):
         chunk = torch.as_tensor(np.ascontiguousarray(images[start:start + batch])).permute(0, 3, 1, 2)
-        metric.update(chunk.to(device), real=real)
+        metric.update(chunk.to(metric.device), real=real)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+def train(cfg, method, data, ckpt=None, rank=0, world=1):
+    """Train one method on every rank, from a checkpoint if given; returns the model with its EMA weights
+    loaded, the history ({"train": (iteration, loss bpd, KL nats, lambda), "val": (iteration, bpd)}) and a
+    summary (iterations, seconds, throughput)."""
+    device, train_images, val_images = torch.device(cfg.device), data[0], torch.from_numpy(data[1]).long()
+    common.seed_everything(cfg.seed)  # same initialisation on every rank and for both methods
+    model = Model(cfg, method).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    ema = common.EMA(model, cfg.ema)
+    rng = np.random.default_rng(cfg.seed)  # one data stream: each rank takes its slice of every global batch
+    if world > 1:
+        torch.manual_seed(cfg.seed + 1 + rank)  # ... and draws its own times, masks and z
+    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, {"train": [], "val": []}
+    if ckpt is not None:
+        start, history = common.resume(ckpt, model, opt, ema, rng, device, rank, world, cfg.seed + 1)
+        common.print0(f"[{method}] resumed from {path} at iteration {start}")
+    ddp = DDP(model, [device.index] if device.type == "cuda" else None) if world > 1 else model
+    step = torch.compile(ddp) if cfg.compile else ddp
+    evaluator = copy.deepcopy(model).eval()  # receives the EMA weights for validation
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    counts = {name: sum(p.numel() for p in part.parameters()) / 1e6 for name, part in model.named_children()}
+    common.print0(f"[{method}] parameters: " + ", ".join(f"{k} {v:.2f}M" for k, v in counts.items()) + f"; "
+                  f"{cfg.max_iters} iterations of {cfg.batch_size} images ({world} x {cfg.grad_accum} x {micro})")
+    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s"), time.time()
+    curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
+    for it in range(start, cfg.max_iters):
+        for group in opt.param_groups:
+            group["lr"] = common.lr_at(it, cfg)
+        lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
+        kl_weight = torch.tensor(lam)  # a tensor: one compiled graph for every value
+        for m in range(cfg.grad_accum):  # each rank's slice of every global micro-batch
+            x = draw_batch(train_images, cfg.batch_size // cfg.grad_accum, rng, cfg.flip)[rank::world]
+            x = x.to(device, non_blocking=True)
+            with ddp.no_sync() if world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext():
+                with common.autocast(device, cfg.dtype):
+                    loss, kl = step(x, kl_weight)
+                loss = loss.mean()  # nats per image
+                (loss / D / cfg.grad_accum).backward()  # per sub-pixel: a scale that suits Adam and clipping
+            stats = torch.stack([loss.detach(), kl.detach().mean(), loss.new_ones(())])
+            curve += stats  # one batch is noisy (w(t) = 1/t): report means, read back only every few iterations
+            log += stats
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model)
+        progress.tick(it + 1)
+        last = it == cfg.max_iters - 1
+        point = (it + 1) % max(1, cfg.log_interval // 5) == 0 or last
+        save = (it + 1) % cfg.ckpt_interval == 0 or last
+        if point or save:  # every loss is checked before a checkpoint holds its update
+            loss_sum, kl_sum, n = over_ranks(curve, world)
+            if not math.isfinite(loss_sum):
+                raise SystemExit(f"[{method}] the loss became {bpd(loss_sum / n)} bpd by iteration {it + 1}: "
+                                 f"lower --lr (now {cfg.lr}); checkpoints already written are kept")
+            if point:
+                history["train"].append((it + 1, bpd(loss_sum / n), kl_sum / n, lam))
+                curve.zero_()
+        if (it + 1) % cfg.log_interval == 0 or last:
+            loss_sum, kl_sum, n = over_ranks(log, world)
+            log.zero_()
+            common.print0(f"[{method}] " + progress.line(it + 1, bpd=bpd(loss_sum / n), kl=kl_sum / n,
+                                                         **{"lambda": lam}))
+        if (it + 1) % cfg.eval_interval == 0 or last:  # validation: the EMA weights, at lambda 1
+            ema.copy_to(evaluator)
+            chunks = val_images[rank::world].split(min(cfg.eval_batch, common.rows_per_call(D, V)))
+            with torch.no_grad(), common.autocast(device, cfg.dtype):
+                per_image = [delbo(evaluator, x.to(device), 1.0)[0] for x in chunks]
+            history["val"].append((it + 1, bpd(common.mean_se(per_image, device)[0])))
+            common.print0(f"[{method}] iter {it + 1:7d} | validation {'DELBO' if method == 'vadd' else 'NELBO'} "
+                          f"{history['val'][-1][1]:.4f} bpd (EMA weights, lambda 1)")
+        if save:
+            state = common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method), history, rng,
+                                          device)
+            if rank == 0:
+                common.save_atomic(state, path)
+    summary = {"iters": cfg.max_iters - start, "seconds": time.time() - t0,
+               "images_per_s": progress.rate(cfg.max_iters)}
+    if device.type == "cuda":
+        summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    ema.copy_to(model)
+    return model.eval(), history, summary
+
+
+def over_ranks(sums, world):
+    """A copy of this rank's statistic sums, added over every rank, as floats."""
+    sums = sums.clone()
+    if world > 1:
+        dist.all_reduce(sums)
+    return sums.tolist()
+
+
+def weight_settings(cfg, method):
+    """The flags that shape the trained weights: a checkpoint trained with others is refused."""
+    keys = ("channels", "channel_mult", "num_res_blocks", "attn_res", "dropout", "embed_dim", "time_cond",
+            "latent_dim", "schedule", "objective", "train_steps")
+    return {"method": method, **{k: getattr(cfg, k) for k in keys}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    rank, world = common.setup_ddp(cfg)
+    try:
+        methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
+        needed = cfg.eval_only or cfg.sample_only  # evaluate the checkpoints instead of training
+        trained = [] if needed else methods
+        checkpoints = {m: common.read_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{m}.pt"),
+                                                 weight_settings(cfg, m), needed, cfg.resume) for m in methods}
+        fid = fid_metric(cfg) if cfg.fid and rank == 0 else None  # rank 0 scores the samples
+        if rank > 0:
+            dist.barrier()  # rank 0 downloads into the cache and makes --out-dir first, the others then read
+        data = load_cifar(cfg) if not cfg.sample_only or cfg.fid else None
+        if rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            if world > 1:
+                dist.barrier()
+        run_start = time.time()
+        if fid is not None:  # reference statistics of the training set, once for every sampler and step count
+            fid = fid.to(cfg.device)
+            fid_update(fid, np.concatenate([data[0], data[1]]), real=True)
+        metrics = {"unit": "bits per dimension (sub-pixel); KL in nats per image", "config": {}, "likelihood": {},
+                   "training": {}, "by_steps": []}
+        histories = {}
+        for method in methods:
+            if method in trained:
+                model, histories[method], summary = train(cfg, method, data, checkpoints[method], rank, world)
+                metrics["training"][method] = summary
+                metrics["config"][method] = dict(vars(cfg))
+            else:  # the checkpoint's EMA weights
+                model = Model(cfg, method)
+                model.load_state_dict(checkpoints[method]["ema"]["params"])
+                model, histories[method] = model.to(cfg.device).eval(), checkpoints[method]["history"]
+            figures = {}
+            if not cfg.sample_only:
+                common.seed_everything(cfg.seed + 3 + 1000 * rank)
+                figures = likelihoods(model, torch.from_numpy(data[2][:cfg.num_eval]).long()[rank::world], cfg)
+                lik = metrics["likelihood"][method] = {"iw_samples": cfg.iw_samples} if method == "vadd" else {}
+                for key, (mean, se) in figures.items():
+                    if isinstance(key, str):
+                        lik[key], lik[key + "_se"] = mean, se
+            for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
+                for T in cfg.steps:
+                    metrics["by_steps"].append(sample_row(cfg, model, sampler, T, figures, fid, rank, world))
+        if rank > 0:
+            return None
+        metrics["seconds"] = time.time() - run_start
+        metrics = common.save_metrics(cfg.out_dir, metrics, trained, {s: v[1] for s, v in SAMPLERS.items()})
+        plot_overview(os.path.join(cfg.out_dir, "samples.png"), cfg, data[2] if data else None, metrics)
+        plot_by_steps(os.path.join(cfg.out_dir, "by_steps.png"), metrics["by_steps"])
+        plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
+        print_table(cfg, metrics)
+        return metrics
+    finally:
+        common.teardown_ddp()
+
+
+def sample_row(cfg, model, sampler, T, figures, fid, rank, world):
+    """--num-samples images of one sampler and step count, shared out over the ranks; rank 0 saves them
+    (samples_<sampler>_T<T>.npy and .png) and scores their FID. Returns the metrics row."""
+    common.seed_everything(cfg.seed + 4 + 1000 * rank)
+    t0 = time.time()
+    images, nfe = sample(model, len(range(rank, cfg.num_samples, world)), T, sampler, cfg)
+    images = gather(images, world)
+    row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe,
+           "num_samples": len(images)}
+    if (sampler, T) in figures:
+        row["bound"], row["bound_se"] = figures[sampler, T]
+    if rank == 0:
+        np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
+        pyplot().imsave(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), tile(images[:64], 8))
+        if fid is not None:
+            fid.reset()  # keeps the training-set statistics (reset_real_features=False)
+            fid_update(fid, images[:cfg.fid], real=False)
+            row["fid"], row["fid_samples"] = float(fid.compute()), cfg.fid
+        print(f"[{SAMPLERS[sampler][1]}] {sampler} T={T}: {len(images)} samples in {row['sample_seconds']:.1f}s, "
+              f"{nfe:.1f} network evaluations per image" + (f", FID {row['fid']:.2f}" if "fid" in row else ""),
+              flush=True)
+    return row
+
+
+def print_table(cfg, metrics):
+    print(f"\nCIFAR-10 test figures ({cfg.num_eval} images), bits per dimension:")
+    for method, key, label in [("mdm", "mdm_nelbo", "MDM NELBO (bound, continuous time)"),
+                               ("vadd", "delbo", "VADD DELBO (not a bound)"),
+                               ("vadd", "iw_delbo", "VADD IW-DELBO (not a bound)")]:
+        lik = metrics["likelihood"].get(method, {})
+        if key in lik:
+            print(f"  {label:45s} {lik[key]:7.4f} +- {lik[key + '_se']:.4f}")
+    print(f"\n{'sampler':8s} {'T':>4s} {'valid bound (bpd)':>19s} {'FID':>7s} {'NFE':>7s} {'sec':>7s}")
+    for r in metrics["by_steps"]:
+        bound = f"{r['bound']:8.4f} +- {r['bound_se']:.4f}" if "bound" in r else "-"
+        fid = f"{r['fid']:7.2f}" if "fid" in r else "-"
+        print(f"{r['sampler']:8s} {r['steps']:4d} {bound:>19s} {fid:>7s} {r['nfe']:7.2f} "
+              f"{r['sample_seconds']:7.1f}")
+    print(f"\nwrote {cfg.out_dir}/ (metrics.json, samples_*.npy, samples_*.png, samples.png, by_steps.png, "
+          f"training.png) in {metrics['seconds']:.0f}s")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -625,21 +822,27 @@ def tile(images, cols):
     return grid
 
 
-def plot_overview(path, cfg, data, samples):
-    """Rows: test images and each sampler; columns: step counts; each cell 16 images."""
+def plot_overview(path, cfg, data, metrics):
+    """Rows: test images and each sampler in metrics.json (read back from samples_*.npy); columns: step
+    counts; each cell 16 images."""
     plt = pyplot()
-    rows = ["data"] + [s for s in SAMPLERS if any(k[0] == s for k in samples)]
-    fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(2 * len(cfg.steps), 2.1 * len(rows)), squeeze=False)
+    rows = ["data"] + [s for s in SAMPLERS if any(r["sampler"] == s for r in metrics["by_steps"])]
+    fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(2 * len(cfg.steps), 2.1 * len(rows)),
+                             squeeze=False)
     for r, row in enumerate(rows):
         for c, T in enumerate(cfg.steps):
-            images = data[16 * c:] if row == "data" and data is not None else samples.get((row, T))
+            saved, images = os.path.join(cfg.out_dir, f"samples_{row}_T{T}.npy"), None
+            if row == "data":
+                images = None if data is None else data[16 * c:]
+            elif os.path.exists(saved):
+                images = np.load(saved)
             if images is not None:
                 axes[r, c].imshow(tile(images[:16], 4))
             axes[r, c].axis("off")
             if r == 0:
                 axes[r, c].set_title(f"T = {T}", fontsize=9)
             if c == 0:
-                axes[r, c].text(-0.08, 0.5, "data" if row == "data" else SAMPLERS[row].split(" (")[0],
+                axes[r, c].text(-0.08, 0.5, "data" if row == "data" else SAMPLERS[row][0].split(" (")[0],
                                 rotation=90, va="center", ha="right", transform=axes[r, c].transAxes, fontsize=9)
     fig.suptitle("CIFAR-10: samples after T denoising steps", fontsize=10)
     save(fig, path)
@@ -652,7 +855,7 @@ def plot_by_steps(path, rows):
     panels += [("fid", "FID")] if any("fid" in r for r in rows) else []
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        for sampler, name in SAMPLERS.items():
+        for sampler, (name, _, _) in SAMPLERS.items():
             pts = sorted((r["steps"], r[key]) for r in rows if r["sampler"] == sampler and key in r)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
@@ -665,285 +868,21 @@ def plot_training(path, histories):
     """Loss (bpd) of each method with its validation figure; KL and lambda of VADD (a KL at 0 is collapse)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for method, (history, val) in histories.items():
-        h = np.asarray(history).reshape(-1, 4)
+    for method, history in histories.items():
+        h = np.asarray(history["train"], dtype=float).reshape(-1, 4)
         line, = axes[0].plot(h[:, 0], h[:, 1], label=f"{method} train")
-        if val:
-            axes[0].plot(*zip(*val), marker="o", ls="--", color=line.get_color(), label=f"{method} validation (EMA)")
+        if history["val"]:
+            axes[0].plot(*zip(*history["val"]), marker="o", ls="--", color=line.get_color(),
+                         label=f"{method} validation (EMA)")
         if method == "vadd":
             axes[1].plot(h[:, 0], h[:, 2])
             axes[2].plot(h[:, 0], h[:, 3])
-    titles = ["loss (MDM NELBO; VADD DELBO at lambda), bits per dim", "VADD: KL(r || p), nats per image", "VADD: lambda"]
+    titles = ["loss (MDM NELBO; VADD DELBO at lambda), bits per dim", "VADD: KL(r || p), nats per image",
+              "VADD: lambda"]
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
     axes[0].legend(fontsize=7)
     save(fig, path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-
-def train(cfg, method, data, ckpt=None, rank=0, world=1):
-    """Train one method (from a checkpoint if given) on every rank; returns the model with its EMA weights
-    loaded and the histories (training curve, validation figures)."""
-    device, main_rank = torch.device(cfg.device), rank == 0
-    train_images, val_images = data[0], torch.from_numpy(data[1]).long()
-    common.seed_everything(cfg.seed)  # same initialisation on every rank and for both methods
-    model = Model(cfg, method).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    ema = common.EMA(model, cfg.ema)
-    rng = np.random.default_rng([cfg.seed, rank])  # each rank draws different data
-    torch.manual_seed(cfg.seed + 1000 * rank)  # ... and different times, masks and z
-    start, history, val_history = 0, [], []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        ema.load_state_dict(ckpt["ema"])
-        start, history, val_history = ckpt["iter"], [tuple(h) for h in ckpt["history"]], [tuple(v) for v in ckpt["val"]]
-        if world == 1:  # the run continues exactly; under DDP only rank 0's state was saved: reseed the others
-            rng.bit_generator.state = ckpt["rng"]
-            torch.set_rng_state(ckpt["torch_rng"])
-            if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        else:
-            rng, _ = np.random.default_rng([cfg.seed, rank, start]), torch.manual_seed(cfg.seed + 1000 * rank + start)
-        if main_rank:
-            print(f"[{method}] resumed from ckpt_{method}.pt at iteration {start}")
-    ddp = step_model = model
-    if world > 1:
-        ddp = step_model = nn.parallel.DistributedDataParallel(model, [device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        step_model = torch.compile(step_model)
-    evaluator = copy.deepcopy(model).eval()  # holds the EMA weights for validation
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    if main_rank:
-        counts = {name: sum(p.numel() for p in part.parameters()) / 1e6 for name, part in model.named_children()}
-        print(f"[{method}] parameters: " + ", ".join(f"{k} {v:.2f}M" for k, v in counts.items())
-              + f"; {cfg.max_iters} iterations of {cfg.batch_size} images ({world} x {cfg.grad_accum} x {micro})")
-    t0, curve, log = time.time(), np.zeros(3), np.zeros(3)  # (loss, KL, count) since the last point / log line
-    for it in range(start, cfg.max_iters):
-        lr = cfg.lr * min(1.0, (it + 1) / max(1, cfg.warmup_iters))
-        lr *= 0.55 + 0.45 * math.cos(math.pi * it / cfg.max_iters)  # cosine decay to lr / 10
-        for group in opt.param_groups:
-            group["lr"] = lr
-        lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
-        loss_sum, kl_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-        for k in range(cfg.grad_accum):
-            x0 = draw_batch(train_images, micro, rng, cfg.flip).to(device, non_blocking=True)
-            sync = world > 1 and k < cfg.grad_accum - 1  # DDP all-reduces the gradients on the last micro-batch only
-            with ddp.no_sync() if sync else contextlib.nullcontext():
-                with common.autocast(device, cfg.dtype):
-                    loss, kl = step_model(x0, torch.tensor(lam))  # a tensor: compiled once for every lambda
-                loss = loss.mean() / D  # nats per sub-pixel: a scale that suits Adam and clipping
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
-            kl_sum += kl.detach().mean() / cfg.grad_accum
-        if world > 1:
-            dist.all_reduce(loss_sum), dist.all_reduce(kl_sum)
-            loss_sum, kl_sum = loss_sum / world, kl_sum / world
-        loss_bpd, kl_nats = loss_sum.item() / math.log(2), kl_sum.item()
-        if not math.isfinite(loss_bpd):
-            raise SystemExit(f"[{method}] the loss became {loss_bpd} at iteration {it}: lower --lr "
-                             f"(now {cfg.lr}); checkpoints already written are kept")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ema.update(model)
-        curve += (loss_bpd, kl_nats, 1)  # one batch is noisy (w(t) = 1/t): report means
-        log += (loss_bpd, kl_nats, 1)
-        last = it == cfg.max_iters - 1
-        if (it + 1) % max(1, cfg.log_interval // 5) == 0 or last:
-            history.append((it + 1, float(curve[0] / curve[2]), float(curve[1] / curve[2]), lam))
-            curve[:] = 0
-        if main_rank and ((it + 1) % cfg.log_interval == 0 or last):
-            speed = (it + 1 - start) * cfg.batch_size / (time.time() - t0)
-            eta, (loss_avg, kl_avg) = (cfg.max_iters - it - 1) * cfg.batch_size / speed, log[:2] / log[2]
-            print(f"[{method}] iter {it + 1:7d}/{cfg.max_iters} | loss {loss_avg:6.3f} bpd | kl {kl_avg:7.2f} "
-                  f"| lambda {lam:4.2f} | {speed:7.1f} img/s | eta {eta:6.0f}s", flush=True)
-            log[:] = 0
-        if (it + 1) % cfg.eval_interval == 0 or last:
-            ema.copy_to(evaluator)
-            with torch.no_grad(), common.autocast(device, cfg.dtype):
-                per_image = [delbo(evaluator, x.to(device), evaluator.schedule, 1.0)[0]
-                             for x in val_images[rank::world].split(min(cfg.eval_batch, common.rows_per_call(D, V)))]
-            val_bpd = mean_se(gather(torch.cat(per_image).float(), world))[0]
-            val_history.append((it + 1, val_bpd))
-            if main_rank:
-                print(f"[{method}] iter {it + 1:7d} | validation {'DELBO' if method == 'vadd' else 'NELBO'} "
-                      f"{val_bpd:.4f} bpd (EMA weights, lambda 1)", flush=True)
-        if main_rank and ((it + 1) % cfg.ckpt_interval == 0 or last):
-            common.save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                                "iter": it + 1, "config": arch_config(cfg, method), "history": history,
-                                "val": val_history, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                               os.path.join(cfg.out_dir, f"ckpt_{method}.pt"))
-    ema.copy_to(model)
-    return model.eval(), (history, val_history)
-
-
-ARCH_KEYS = ("channels", "channel_mult", "num_res_blocks", "attn_res", "dropout", "embed_dim", "time_cond",
-             "latent_dim", "schedule", "objective", "train_steps")
-
-
-def arch_config(cfg, method):
-    return {"method": method, **{k: getattr(cfg, k) for k in ARCH_KEYS}}
-
-
-def read_checkpoint(cfg, method):
-    """The checkpoint to continue from (--resume) or to evaluate (--eval-only, --sample-only), else None;
-    a missing, unreadable or incompatible one stops the run before anything is written."""
-    path = os.path.join(cfg.out_dir, f"ckpt_{method}.pt")
-    needed = cfg.eval_only or cfg.sample_only
-    if not (cfg.resume or needed) or not (os.path.exists(path) or needed):
-        return None
-    if not os.path.exists(path):
-        raise SystemExit(f"{path} does not exist: train first (without --eval-only / --sample-only) or point "
-                         f"--out-dir at the folder that holds it")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"cannot read {path} ({e.__class__.__name__}): delete it or choose another --out-dir")
-    if ckpt.get("config") != arch_config(cfg, method):
-        raise SystemExit(f"{path} was trained with {ckpt.get('config')}, not {arch_config(cfg, method)}: "
-                         f"pass the same flags, or another --out-dir to start afresh")
-    return ckpt
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Main
-
-def main(argv=None):
-    cfg = parse_config(argv)
-    methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
-    checkpoints = {method: read_checkpoint(cfg, method) for method in methods}
-    fid = fid_metric(cfg) if cfg.fid and int(os.environ.get("RANK", 0)) == 0 else None  # rank 0 scores samples
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # torchrun: one process per GPU (NCCL), or per CPU process group (gloo)
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(cfg.device)
-    rank = dist.get_rank() if world > 1 else 0
-    main_rank = rank == 0
-    need_data = not cfg.sample_only or cfg.fid
-    if need_data and world > 1 and rank > 0:
-        dist.barrier()  # rank 0 downloads into the cache first, the others then read it
-    data = load_cifar(cfg) if need_data else None
-    if need_data and world > 1 and rank == 0:
-        dist.barrier()
-    if main_rank:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-    if world > 1:
-        dist.barrier()
-    run_start = time.time()
-    if fid is not None:  # reference statistics of the training set, once for every sampler and step count
-        fid = fid.to(cfg.device)
-        fid_update(fid, np.concatenate([data[0], data[1]]), real=True)
-
-    likelihood, rows, samples, histories = {}, [], {}, {}
-    for method in methods:
-        if cfg.eval_only or cfg.sample_only:  # the checkpoint's EMA weights
-            model, ckpt = Model(cfg, method), checkpoints[method]
-            model.load_state_dict(ckpt["ema"]["params"])
-            model, histories[method] = model.to(cfg.device).eval(), (ckpt["history"], ckpt["val"])
-        else:
-            model, histories[method] = train(cfg, method, data, checkpoints[method], rank, world)
-        bounds = {}
-        if not cfg.sample_only:
-            common.seed_everything(cfg.seed + 3 + 1000 * rank)
-            test = torch.from_numpy(data[2][:cfg.num_eval]).long()
-            figures = likelihoods(model, test, cfg, rank, world)
-            for key in ("mdm_nelbo", "delbo", "iw_delbo"):
-                if key in figures:
-                    likelihood[key], likelihood[key + "_se"] = figures[key]
-            if "iw_delbo" in figures:
-                likelihood["iw_samples"] = cfg.iw_samples
-            bounds = {k: v for k, v in figures.items() if isinstance(k, tuple)}
-        for sampler in (["mdm"] if method == "mdm" else ["vadd", "vadd_cs"]):
-            for T in cfg.steps:
-                common.seed_everything(cfg.seed + 4 + 1000 * rank)
-                t0 = time.time()
-                mine = len(range(rank, cfg.num_samples, world))
-                images, nfe = sample(model, mine, T, sampler, cfg.sample_batch, cfg.dtype)
-                images = gather(torch.from_numpy(images).to(cfg.device), world).numpy()
-                row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe,
-                       "num_samples": len(images)}
-                if (sampler, T) in bounds:
-                    row["bound"], row["bound_se"] = bounds[(sampler, T)]
-                if main_rank:
-                    np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
-                    pyplot().imsave(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), tile(images[:64], 8))
-                    if fid is not None:
-                        fid.reset()  # keeps the training-set statistics (reset_real_features=False)
-                        fid_update(fid, images[:cfg.fid], real=False)
-                        row["fid"], row["fid_samples"] = float(fid.compute()), cfg.fid
-                    print(f"[{method}] {sampler} T={T}: {len(images)} samples in {row['sample_seconds']:.1f}s, "
-                          f"{nfe:.1f} network evaluations per image" + (f", FID {row['fid']:.2f}" if "fid" in row else ""),
-                          flush=True)
-                samples[(sampler, T)] = images
-                rows.append(row)
-    if world > 1:
-        dist.barrier()  # no rank tears gloo/NCCL down while another still has a collective in flight
-        dist.destroy_process_group()
-    if not main_rank:
-        return None
-
-    metrics = {"config": dict(vars(cfg)), "unit": "bits per dimension (sub-pixel); KL in nats per image",
-               "likelihood": likelihood, "by_steps": rows, "seconds": time.time() - run_start}
-    metrics = merge_earlier_run(cfg, metrics, samples)
-    with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    plot_overview(os.path.join(cfg.out_dir, "samples.png"), cfg, data[2] if data else None, samples)
-    plot_by_steps(os.path.join(cfg.out_dir, "by_steps.png"), metrics["by_steps"])
-    plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
-    print_table(cfg, metrics)
-    return metrics
-
-
-MODEL_KEYS = ARCH_KEYS + ("preset", "data", "val_images", "flip", "max_iters", "batch_size", "grad_accum", "lr",
-                          "warmup_iters", "weight_decay", "grad_clip", "ema", "kl_warmup", "kl_start", "seed")
-
-
-def merge_earlier_run(cfg, metrics, samples):
-    """Keep earlier results in the folder that belong to models trained with the same flags: the other
-    method's (`--method mdm` then `--method vadd`) and, per (sampler, steps), figures this run did not
-    compute (a --sample-only run keeps the bounds of an earlier evaluation)."""
-    path = os.path.join(cfg.out_dir, "metrics.json")
-    if not os.path.exists(path):
-        return metrics
-    with open(path) as f:
-        old = json.load(f)
-    same = lambda c: {k: c.get(k) for k in MODEL_KEYS}  # noqa: E731
-    if same(old.get("config", {})) != same(metrics["config"]):
-        return metrics
-    rows = {(r["sampler"], r["steps"]): r for r in old["by_steps"]}
-    for r in metrics["by_steps"]:
-        rows[(r["sampler"], r["steps"])] = {**rows.get((r["sampler"], r["steps"]), {}), **r}
-    for key in rows:
-        saved = os.path.join(cfg.out_dir, f"samples_{key[0]}_T{key[1]}.npy")
-        if key not in samples and os.path.exists(saved):
-            samples[key] = np.load(saved)
-    metrics["by_steps"] = list(rows.values())
-    metrics["likelihood"] = {**old["likelihood"], **metrics["likelihood"]}
-    if {r["sampler"] for r in metrics["by_steps"]} >= {"mdm", "vadd"}:
-        metrics["config"]["method"] = "both"
-    return metrics
-
-
-def print_table(cfg, metrics):
-    lik = metrics["likelihood"]
-    print(f"\nCIFAR-10 test figures ({cfg.num_eval} images), bits per dimension:")
-    for key, label in [("mdm_nelbo", "MDM NELBO (bound, continuous time)"), ("delbo", "VADD DELBO (not a bound)"),
-                       ("iw_delbo", f"VADD IW-DELBO, K = {lik.get('iw_samples')} (not a bound)")]:
-        if key in lik:
-            print(f"  {label:45s} {lik[key]:7.4f} +- {lik[key + '_se']:.4f}")
-    print(f"\n{'sampler':8s} {'T':>4s} {'valid bound (bpd)':>19s} {'FID':>7s} {'NFE':>7s} {'sec':>7s}")
-    for r in metrics["by_steps"]:
-        bound = f"{r['bound']:8.4f} +- {r['bound_se']:.4f}" if "bound" in r else "-"
-        fid = f"{r['fid']:7.2f}" if "fid" in r else "-"
-        print(f"{r['sampler']:8s} {r['steps']:4d} {bound:>19s} {fid:>7s} {r['nfe']:7.2f} {r['sample_seconds']:7.1f}")
-    print(f"\nwrote {cfg.out_dir}/ (metrics.json, samples_*.npy, samples_*.png, samples.png, by_steps.png, "
-          f"training.png) in {metrics['seconds']:.0f}s")
 
 
 if __name__ == "__main__":

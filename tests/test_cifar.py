@@ -55,6 +55,10 @@ def tiny_model(tmp_path, method, seed=0):
     return vc.Model(vc.parse_config(tiny_args(tmp_path)), method).eval()
 
 
+def sample_config(tmp_path, batch):
+    return vc.parse_config(tiny_args(tmp_path, "--sample-batch", str(batch)))
+
+
 def randomise(module):
     """Give zero-initialised layers (output convolution, modulations) random weights, so every path shows."""
     torch.manual_seed(1)
@@ -160,12 +164,13 @@ def test_latent_conditions_the_denoiser_and_the_mask_conditions_recognition(tmp_
 
 def test_uniform_denoiser_gives_nelbo_d_log_v(tmp_path):
     """A fresh denoiser is uniform over the 256 values (zero output layer): NELBO = D log V per image,
-    since E_t[w(t) * 1{masked}] = 1 per position (REFERENCE.md section 6)."""
+    since E_t[w(t) * 1{masked}] = 1 per position (docs/method.md)."""
     torch.manual_seed(2)
     model = tiny_model(tmp_path, "mdm")
     x0 = torch.randint(0, vc.V, (256, 32, 32, 3))
     with torch.no_grad():
-        loss, _ = vc.delbo(model, x0, common.Schedule("linear"), 0.0)
+        loss, _ = vc.delbo(model, x0, 0.0)
+    assert model.schedule.name == "linear"
     se = loss.std().item() / math.sqrt(len(loss))
     assert abs(loss.mean().item() - vc.D * math.log(vc.V)) < 4 * se
 
@@ -180,7 +185,7 @@ def test_samplers_reveal_everything_and_the_consistency_sampler_keeps_z(tmp_path
     monkeypatch.setattr(common, "reverse_step", lambda xt, *a: finals.append(reverse(xt, *a)) or finals[-1])
     for sampler in ("vadd_cs", "vadd"):
         seen.clear()
-        images, nfe = vc.sample(model, 5, 4, sampler, batch_size=5)
+        images, nfe = vc.sample(model, 5, 4, sampler, sample_config(tmp_path, 5))
         assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8
         assert not (finals[-1] == vc.MASK).any() and torch.equal(finals[-1].to(torch.uint8), torch.from_numpy(images))
         assert len(seen) == 4 and nfe == sum(len(z) for z in seen) / 5
@@ -198,7 +203,7 @@ def test_mdm_sampler_reuses_the_output_of_unchanged_images(tmp_path):
     model.denoiser.forward = lambda xt, t=None, z=None: (rows.append(len(xt)), torch.zeros(*xt.shape, vc.V))[1]
     torch.manual_seed(5)
     T = 1024
-    images, nfe = vc.sample(model, 2, T, "mdm", batch_size=2)
+    images, nfe = vc.sample(model, 2, T, "mdm", sample_config(tmp_path, 2))
     assert images.shape == (2, 32, 32, 3) and nfe == sum(rows) / 2
     assert 0.9 * T < nfe < 0.99 * T  # about (1 - exp(-3)) T = 0.95 T
 
@@ -224,15 +229,21 @@ def test_main_writes_every_output(trained_run):
         a = np.load(out / f"samples_{s}_T3.npy")
         assert a.shape == (6, 32, 32, 3) and a.dtype == np.uint8
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["unit"].startswith("bits per dimension") and saved["config"]["channels"] == 8
-    for key in ("mdm_nelbo", "delbo", "iw_delbo", "iw_samples", "mdm_nelbo_se"):
-        assert key in saved["likelihood"], key
-    assert 7 < saved["likelihood"]["mdm_nelbo"] < 9  # four steps from uniform (8 bpd)
+    assert saved["unit"].startswith("bits per dimension")
+    assert saved["config"]["mdm"]["channels"] == saved["config"]["vadd"]["channels"] == 8
+    for method, key in [("mdm", "mdm_nelbo"), ("mdm", "mdm_nelbo_se"), ("vadd", "delbo"), ("vadd", "delbo_se"),
+                        ("vadd", "iw_delbo"), ("vadd", "iw_delbo_se"), ("vadd", "iw_samples")]:
+        assert key in saved["likelihood"][method], (method, key)
+    assert 7 < saved["likelihood"]["mdm"]["mdm_nelbo"] < 9  # four steps from uniform (8 bpd)
+    for method in ("mdm", "vadd"):
+        summary = saved["training"][method]
+        assert summary["iters"] == 4 and summary["seconds"] > 0 and summary["images_per_s"] > 0, summary
     assert len(saved["by_steps"]) == 6 and metrics["by_steps"] == saved["by_steps"]
     for row in saved["by_steps"]:
         assert row["bound"] > 0 and row["nfe"] == row["steps"] and row["sample_seconds"] > 0, row
     ckpt = torch.load(out / "ckpt_vadd.pt", weights_only=True)
-    assert ckpt["iter"] == 4 and [v[0] for v in ckpt["val"]] == [2, 4] and ckpt["config"]["method"] == "vadd"
+    assert ckpt["iter"] == 4 and [v[0] for v in ckpt["history"]["val"]] == [2, 4]
+    assert ckpt["config"]["method"] == "vadd"
 
 
 def test_eval_only_and_sample_only_from_the_checkpoints(trained_run, tmp_path):
@@ -245,7 +256,7 @@ def test_eval_only_and_sample_only_from_the_checkpoints(trained_run, tmp_path):
     assert torch.load(out / "ckpt_mdm.pt", weights_only=True)["iter"] == before["iter"]  # no training
     rows = {(r["sampler"], r["steps"]) for r in again["by_steps"]}
     assert ("mdm", 2) in rows and ("vadd_cs", 3) in rows  # the earlier VADD rows are kept
-    assert abs(again["likelihood"]["mdm_nelbo"] - metrics["likelihood"]["mdm_nelbo"]) < 1
+    assert abs(again["likelihood"]["mdm"]["mdm_nelbo"] - metrics["likelihood"]["mdm"]["mdm_nelbo"]) < 1
     sampled = vc.main(args("--sample-only", "--method", "vadd", "--num-samples", "3"))
     row = next(r for r in sampled["by_steps"] if (r["sampler"], r["steps"]) == ("vadd", 3))
     assert row["num_samples"] == 3 and "bound" in row  # the bound of the earlier evaluation is kept
@@ -361,11 +372,11 @@ def test_fid_path_with_stand_in_features(tmp_path, monkeypatch):
     (["--steps", "1,x"], "whole numbers separated by commas"),
     (["--channel-mult", "1,2,2,2,2"], "give 1 to 4 positive multipliers"),
     (["--channels", "6"], "multiple of 4"),
-    (["--num-samples", "0"], "--num-samples must be at least 1"),
+    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number >= 1"),
     (["--fid", "10"], "--fid 10 needs as many samples"),
     (["--batch-size", "8", "--grad-accum", "3"], "must split evenly"),
     (["--eval-only", "--resume"], "at most one of"),
-    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "0"], "argument --lr: '0' is not a finite number in (0, inf]"),
     (["--data", "/nonexistent/cifar"], "no data_batch_1.bin there"),
     (["--fid-weights", "/nonexistent/inception.pth"], "no such file"),
 ])
@@ -400,11 +411,11 @@ def test_missing_or_incompatible_checkpoint_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# --objective steps (REFERENCE.md section 3b)
+# --objective steps (docs/method.md)
 
 def test_steps_objective_end_to_end_and_its_recognition_sees_everything_masked(tmp_path):
     metrics = vc.main(tiny_args(tmp_path, "--objective", "steps", "--train-steps", "1,3"))
-    assert metrics["config"]["objective"] == "steps" and metrics["config"]["train_steps"] == [1, 3]
+    assert metrics["config"]["vadd"]["objective"] == "steps" and metrics["config"]["vadd"]["train_steps"] == [1, 3]
     assert {r["sampler"] for r in metrics["by_steps"]} == {"mdm", "vadd", "vadd_cs"}
     assert all(math.isfinite(r["bound"]) for r in metrics["by_steps"])
     model = vc.Model(vc.parse_config(tiny_args(tmp_path, "--objective", "steps")), "vadd")
