@@ -9,6 +9,7 @@ learning rate, DDP, checkpoints, mean and standard error over processes, the pro
 import argparse
 import contextlib
 import datetime
+import glob
 import json
 import math
 import os
@@ -386,7 +387,8 @@ def teardown_ddp():
 def mean_se(values, device="cpu"):
     """Mean and standard error of per-example values (a tensor or a list of them), over every rank."""
     x = (torch.cat(values) if isinstance(values, (list, tuple)) else values).double().flatten()
-    s = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(len(x)), dtype=torch.float64)]).to(device)
+    s = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(len(x)), dtype=torch.float64, device=x.device)])
+    s = s.to(device)
     if dist.is_initialized():
         dist.all_reduce(s)
     mean = s[0] / s[2]
@@ -401,6 +403,33 @@ def print0(*args):
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically with every random state; refused when the weights' settings differ
+
+def prepare_out_dir(cfg, trained, method_files):
+    """Before any training: --out-dir must be a writable folder, and a run of a method this run trains may be
+    there only with --resume (continue it) or --overwrite (replace it: that method's files go first, so nothing
+    stale stays beside the new ones). `method_files(method)` lists the file patterns of a method's run."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        probe = os.path.join(cfg.out_dir, f".probe{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out-dir {cfg.out_dir} is not a folder this run can write to ({e.strerror}): "
+                         f"choose another") from None
+    for method in trained:
+        ckpt = os.path.join(cfg.out_dir, f"ckpt_{method}.pt")
+        if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite):
+            raise SystemExit(f"{cfg.out_dir} already holds a {method} run ({ckpt}): pass --resume to continue it "
+                             f"or --overwrite to replace it")
+        if cfg.overwrite:
+            for pattern in method_files(method):
+                for path in glob.glob(os.path.join(cfg.out_dir, pattern)):
+                    os.remove(path)
+        elif cfg.resume and not os.path.exists(ckpt):
+            print(f"--resume: {cfg.out_dir} holds no ckpt_{method}.pt, so {method} starts from scratch")
+    if trained and cfg.max_iters == 0:
+        print("--max-iters 0: no training; the networks are evaluated and sampled as initialised")
+
 
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
@@ -459,7 +488,19 @@ def read_checkpoint(path, settings, needed, resume):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reporting: the progress line and metrics.json
+# Reporting: progress lines and metrics.json
+
+class Heartbeat:
+    """A line at least every `every` seconds through a long stage (evaluation, sampling): what and how far."""
+
+    def __init__(self, what, total, every=5.0):
+        self.what, self.total, self.every, self.last = what, total, every, time.time()
+
+    def __call__(self, done):
+        if time.time() - self.last >= self.every:
+            self.last = time.time()
+            print0(f"{self.what}: {done}/{self.total}")
+
 
 class Progress:
     """Throughput and time left of a training run, leaving out the first iteration (where torch.compile

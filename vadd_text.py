@@ -6,9 +6,8 @@ with few steps writes tokens that do not agree with each other; VADD conditions 
 latent z, one per sequence, inferred in training by a recognition transformer and drawn from N(0, I) when
 sampling.
 
-    python vadd_text.py --steps 5                # MDLM-small DiT, tiny-shakespeare, one GPU (~10 min, estimated)
-    python vadd_text.py --preset cpu --tokenizer char --block-size 128 --method both --max-iters 1000 \
-        --batch-size 32 --lr 1e-3 --ema 0.99 --eval-model none --steps 1,2,4,8,128   # CPU: ~12 min on 2 cores
+    python vadd_text.py --steps 5       # tiny-shakespeare: MDLM-small on a GPU; on a CPU the cpu preset (~10 min)
+    python vadd_text.py --preset cpu --method both --eval-model none --steps 1,2,4,8,128   # CPU: ~12 min, 2 cores
     torchrun --nproc_per_node 8 vadd_text.py --data openwebtext --method both --max-iters 100000 --kl-warmup 100000
 
 Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main, plots.
@@ -39,9 +38,12 @@ import common
 # Configuration
 
 NAMED = ("shakespeare", "openwebtext", "lm1b")
-PRESETS = {  # gpu = MDLM-small's DiT (12 layers, 768 wide, 12 heads, conditioning 128), z of 512 as in VADD
+PRESETS = {  # gpu: MDLM-small's DiT (12 layers, 768 wide, 12 heads, conditioning 128), z of 512 as in VADD.
+    # cpu: a 4-layer DiT on characters (text files), sized so that `--steps 5` runs in about 10 minutes on 2 cores
     "gpu": dict(layers=12, width=768, heads=12, cond_dim=128, latent_dim=512, dropout=0.1),
-    "cpu": dict(layers=4, width=128, heads=4, cond_dim=64, latent_dim=32, dropout=0.0),
+    "cpu": dict(layers=4, width=128, heads=4, cond_dim=64, latent_dim=32, dropout=0.0, tokenizer="char",
+                block_size=128, max_iters=1000, batch_size=32, lr=1e-3, warmup_iters=100, ema=0.99,
+                num_eval=256, iw_samples=8, log_interval=50, eval_interval=500, ckpt_interval=500),
 }
 BLOCK_SIZE = {"openwebtext": 1024, "lm1b": 128}  # MDLM's lengths; 256 for everything else
 
@@ -51,7 +53,7 @@ def build_parser():
     a, whole, number = p.add_argument, common.whole, common.number
     a("--data", default="shakespeare", help="a UTF-8 text file, a folder with train.bin/val.bin/meta.json, or "
       "one of: shakespeare (tiny-shakespeare, downloaded once), openwebtext, lm1b (via `datasets`)")
-    a("--tokenizer", choices=("gpt2", "char"), help="for text files: GPT-2 BPE (default) or characters")
+    a("--tokenizer", choices=("gpt2", "char"), help="for text files: GPT-2 BPE or characters (--preset cpu)")
     a("--method", default="vadd", choices=("mdm", "vadd", "both"),
       help="train MDM, VADD, or both one after the other with the same seed and data (default vadd)")
     a("--steps", type=common.counts, default="5", help="denoising step counts to sample and bound, e.g. 1,2,4,8")
@@ -79,7 +81,8 @@ def build_parser():
     a("--ema", type=number(0, 1, open_high=True), default=0.999, help="EMA decay of the evaluated weights (0 = "
       "off; MDLM uses 0.9999 over 1M steps: keep 1/(1 - ema) well under --max-iters)")
     # model: a preset of sizes, each overridable
-    a("--preset", default="gpu", choices=tuple(PRESETS), help="gpu: MDLM-small (default); cpu: a 4-layer DiT")
+    a("--preset", choices=tuple(PRESETS), help="gpu: MDLM-small, 5000 iterations of 64 x 256 tokens; cpu: a "
+      "4-layer DiT on characters, 1000 iterations of 32 x 128 (default: gpu where CUDA is, else cpu)")
     for name, low, what in [("layers", 1, "transformer blocks"), ("width", 2, "hidden width"),
                             ("heads", 1, "attention heads"), ("cond-dim", 1, "adaLN conditioning width"),
                             ("latent-dim", 1, "size of z (VADD)")]:
@@ -104,6 +107,7 @@ def build_parser():
     a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd", "text"),
       help="where downloads and tokenised data are kept")
     a("--resume", action="store_true", help="continue from ckpt_<method>.pt in --out-dir")
+    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
     a("--log-interval", type=whole(), default=100, help="iterations between progress lines")
     a("--eval-interval", type=whole(), default=1000, help="iterations between validation losses (and the end)")
     a("--ckpt-interval", type=whole(), default=1000, help="iterations between checkpoints (and the end)")
@@ -114,7 +118,15 @@ def parse_config(argv=None):
     """Parse and check every flag before anything is written; a bad value stops with one sentence."""
     p = build_parser()
     first = p.parse_args(argv)
-    p.set_defaults(**PRESETS[first.preset], block_size=BLOCK_SIZE.get(first.data, 256))
+    if first.preset is None:
+        cuda = torch.cuda.is_available() if first.device == "auto" else first.device.startswith("cuda")
+        first.preset = "gpu" if cuda else "cpu"
+        if not cuda and int(os.environ.get("RANK", 0)) == 0:
+            print("no CUDA device: --preset cpu, a 4-layer DiT on characters, 1000 iterations of 32 x 128 tokens "
+                  "(about 10 minutes on 2 cores); --preset gpu runs the GPU-sized model")
+    preset = {k: v for k, v in PRESETS[first.preset].items() if k != "tokenizer"}
+    p.set_defaults(**{**preset, "preset": first.preset,
+                      "block_size": BLOCK_SIZE.get(first.data, preset.get("block_size", 256))})
     cfg = p.parse_args(argv)
     for key in ("layers", "width", "heads"):
         setattr(cfg, f"rec_{key}", getattr(cfg, f"rec_{key}") or getattr(cfg, key))
@@ -130,6 +142,8 @@ def parse_config(argv=None):
         p.error(f"--num-eval {cfg.num_eval} must be at least the number of processes, {world}")
     if cfg.eval_only and cfg.sample_only:
         p.error("--eval-only already samples: give one of --eval-only and --sample-only")
+    if cfg.resume and cfg.overwrite:
+        p.error("--resume continues the run in --out-dir and --overwrite replaces it: give one of them")
     name = cfg.data if cfg.data in NAMED else None  # else a prepared folder or a non-empty text file
     if name is None and not os.path.exists(cfg.data):
         p.error(f"--data {cfg.data!r}: no such file or folder, and not one of {', '.join(NAMED)}")
@@ -141,12 +155,13 @@ def parse_config(argv=None):
         p.error(f"--data {cfg.data!r} is empty: give a text file with some text in it")
     if cfg.tokenizer and (name in ("openwebtext", "lm1b") or os.path.isdir(cfg.data)):
         p.error(f"--tokenizer is for text files: --data {cfg.data} comes with its own tokens; drop the flag")
-    cfg.tokenizer = cfg.tokenizer or "gpt2"
+    cfg.tokenizer = cfg.tokenizer or PRESETS[cfg.preset].get("tokenizer", "gpt2")
     if name in ("openwebtext", "lm1b") and not os.path.exists(prepared_folder(cfg)) and not have("datasets"):
         p.error(f"--data {name} needs the `datasets` package to download it: pip install datasets")
     if name == "lm1b" and not have("transformers"):
         p.error("--data lm1b uses bert-base-uncased tokens (MDLM) from `transformers`: pip install transformers")
-    if cfg.eval_model is None and not have("transformers"):  # the default scores only where it can
+    cfg.default_scorer = cfg.eval_model is None  # the default scores where it can, and is skipped elsewhere
+    if cfg.default_scorer and not have("transformers"):
         print("note: generative perplexity is skipped: it needs `pip install transformers` (and GPT-2 Large)")
     cfg.eval_model = cfg.eval_model or ("gpt2-large" if have("transformers") else "none")
     cfg.eval_model = None if cfg.eval_model.lower() == "none" else cfg.eval_model
@@ -210,9 +225,13 @@ def download_shakespeare(cache_dir):
     path = os.path.join(cache_dir, "shakespeare.txt")
     if not os.path.exists(path):
         os.makedirs(cache_dir, exist_ok=True)
-        print(f"downloading tiny-shakespeare from {SHAKESPEARE_URL}")
+        print(f"downloading tiny-shakespeare (1.1 MB) from {SHAKESPEARE_URL}")
         tmp = f"{path}.tmp{os.getpid()}"
-        urllib.request.urlretrieve(SHAKESPEARE_URL, tmp)
+        try:
+            urllib.request.urlretrieve(SHAKESPEARE_URL, tmp)
+        except OSError as e:
+            raise SystemExit(f"cannot download tiny-shakespeare from {SHAKESPEARE_URL} ({getattr(e, 'reason', e)}):"
+                             f" check the network, or pass --data PATH with a text file or a prepared folder")
         size = os.path.getsize(tmp)
         if size != SHAKESPEARE_BYTES:
             os.remove(tmp)
@@ -305,12 +324,18 @@ def load_data(cfg, rank):
             prepare_text_file(path, folder, cfg.tokenizer)
     if dist.is_initialized():
         dist.barrier()
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    V = meta.get("vocab_size")
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise SystemExit(f"{folder}/meta.json is not valid JSON ({e}): fix or re-create it") from None
+    V = meta.get("vocab_size") if isinstance(meta, dict) else None
     if not isinstance(V, int) or not 1 <= V <= 65536:
         raise SystemExit(f"{folder}/meta.json: vocab_size must be a whole number from 1 to 65536 (uint16 ids), "
                          f"got {V!r}")
+    if meta.get("tokenizer") == "char" and len(meta.get("alphabet", "")) != V:
+        raise SystemExit(f"{folder}/meta.json: a char tokenizer needs an alphabet of vocab_size = {V} characters "
+                         f"to decode samples, got {len(meta.get('alphabet', ''))}")
     splits = []
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
@@ -627,15 +652,27 @@ def unigram_entropy(tokens):
     return float(np.mean(out))
 
 
-def load_scorer(name, device):
+def load_scorer(cfg):
+    """The causal LM of --eval-model, loaded before training. Asked for by name, it must load; the default
+    (GPT-2 Large) is downloaded once if it is not cached, and skipped with one line where it cannot be loaded."""
     transformers = need("transformers")
+    load = lambda **kw: (transformers.AutoTokenizer.from_pretrained(cfg.eval_model, **kw),  # noqa: E731
+                         transformers.AutoModelForCausalLM.from_pretrained(cfg.eval_model, **kw))
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(name)
-        lm = transformers.AutoModelForCausalLM.from_pretrained(name).to(device).eval()
+        try:
+            tok, lm = load(local_files_only=True)
+        except OSError:
+            size = " (about 3.2 GB)" if cfg.eval_model == "gpt2-large" else ""
+            print(f"downloading the scorer {cfg.eval_model}{size} once into the Hugging Face cache")
+            tok, lm = load()
     except (OSError, ValueError) as e:
-        raise SystemExit(f"cannot load the scorer --eval-model {name} ({e.__class__.__name__}): give a Hugging "
-                         f"Face name or a local folder, or --eval-model none")
-    return tok, lm
+        if cfg.default_scorer:
+            print(f"note: generative perplexity is skipped: the scorer {cfg.eval_model} cannot be loaded "
+                  f"({e.__class__.__name__}); --eval-model NAME_OR_FOLDER asks for one")
+            return None
+        raise SystemExit(f"cannot load the scorer --eval-model {cfg.eval_model} ({e.__class__.__name__}): give a "
+                         f"Hugging Face name or a local folder, or --eval-model none")
+    return tok, lm.to(cfg.device).eval()
 
 
 @torch.no_grad()
@@ -798,9 +835,9 @@ def main(argv=None):
                                                  weight_settings(cfg, m), needed=no_training, resume=cfg.resume)
                        for m in methods}
         decode = decoder(meta)
-        scorer = load_scorer(cfg.eval_model, cfg.device) if cfg.eval_model and rank == 0 else None  # fails early
         if rank == 0:
-            os.makedirs(cfg.out_dir, exist_ok=True)
+            common.prepare_out_dir(cfg, [] if no_training else methods, method_files)
+        scorer = load_scorer(cfg) if cfg.eval_model and rank == 0 else None  # before training: fails early
         run_start = time.time()
         val_x0 = eval_windows(val_ids, cfg, rank, world)
         blocks = np.arange(cfg.num_samples) % (len(val_ids) // cfg.block_size)
@@ -843,6 +880,12 @@ def main(argv=None):
         return metrics
     finally:
         common.teardown_ddp()
+
+
+def method_files(method):
+    """The files of one method's run in --out-dir (what --overwrite removes)."""
+    return [f"ckpt_{method}.pt"] + [f"samples_{s}_T*.{ext}" for s, (_, m, _) in SAMPLERS.items() if m == method
+                                    for ext in ("npy", "txt")]
 
 
 def sample_rows(model, method, figures, decode, scorer, cfg):

@@ -75,16 +75,17 @@ def script_argv(name, data, smoke):
         return ["--steps", "1,5", "--num-samples", "2000" if smoke else "50000", "--num-eval", "500",
                 "--iw-samples", "4", "--ref-points", "100000"] + (["--width", "32"] if smoke else [])
     if name == "text":
-        tiny = ["--model", "tiny", "--layers", "1", "--width", "32", "--heads", "2", "--block-size", "64",
+        tiny = ["--preset", "cpu", "--layers", "1", "--width", "32", "--heads", "2", "--block-size", "64",
                 "--batch-size", "4", "--num-eval", "4"]
-        real = ["--model", "small", "--block-size", "1024", "--num-eval", "16"]  # MDLM's OpenWebText shape
+        real = ["--preset", "gpu", "--block-size", "1024", "--num-eval", "16"]  # MDLM's OpenWebText shape
         return [*(tiny if smoke else real), "--data", data["text"], "--eval-model", "none", "--steps", "1,10",
                 "--num-samples", "8", "--iw-samples", "4", "--eval-interval", "1000"]
     if name == "mnist":
-        tiny = ["--preset", "cpu", "--batch-size", "8", "--width", "8", "--mults", "1,2", "--patch", "4", "--attn-res", "4"]
+        tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2", "--patch", "4",
+                "--attn-res", "4"]
         return [*(tiny if smoke else []), "--data", data["mnist"],
-                "--steps", "1,10", "--num-samples", "16" if smoke else "256", "--num-test", "32" if smoke else "500",
-                "--val-size", "100", "--iw-samples", "4", "--eval-interval", "1000"]
+                "--steps", "1,10", "--num-samples", "16" if smoke else "256", "--num-eval", "32" if smoke else "500",
+                "--val-images", "100", "--iw-samples", "4", "--eval-interval", "1000"]
     tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2", "--embed-dim", "4"]
     return [*(tiny if smoke else []), "--data", data["cifar"],
             "--steps", "1,10", "--num-samples", "16" if smoke else "256", "--num-eval", "32" if smoke else "500",
@@ -95,19 +96,16 @@ MODULES = {"toy": vadd_toy, "text": vadd_text, "mnist": vadd_mnist, "cifar": vad
 UNITS = {"toy": "points/s", "text": "tokens/s", "mnist": "images/s", "cifar": "images/s"}
 
 
-def model_and_batch(name, cfg, method, device):
-    """The script's Model, one training batch of random tokens, the objective the script compiles (None: the
-    model itself, whose forward(x0, lambda) is the per-example loss) and the tokens, points or images per batch."""
-    m = MODULES[name]
-    B = cfg.batch_size
+def model_and_batch(name, cfg, method):
+    """The script's Model (its forward(x0, lambda) is the per-example training loss, what the script compiles),
+    one training batch of random tokens, and the tokens, points or images in it."""
+    m, B = MODULES[name], cfg.batch_size
     if name == "toy":
-        return m.Model(cfg, method), torch.randint(0, cfg.bins, (B, 2)), None, B
+        return m.Model(cfg, method), torch.randint(0, cfg.bins, (B, 2)), B
     if name == "text":
-        cfg.vocab_size = 50257
-        model = m.Model(cfg, method, cfg.vocab_size)
-        return model, torch.randint(0, cfg.vocab_size, (B, cfg.block_size)), None, B * cfg.block_size
+        return m.Model(cfg, method, 50257), torch.randint(0, 50257, (B, cfg.block_size)), B * cfg.block_size
     shape = (B, 32, 32) if name == "mnist" else (B, 32, 32, 3)
-    return m.Model(cfg, method), torch.randint(0, 2 if name == "mnist" else 256, shape), None, B
+    return m.Model(cfg, method), torch.randint(0, 2 if name == "mnist" else 256, shape), B
 
 
 class GraphCounter:
@@ -177,8 +175,8 @@ def stage_runs(name, method, argv, out_dir, smoke, cuda, counter):
     if cuda:
         out["run_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if name == "text":
-        lik = metrics["likelihood"]
-        out["likelihood_at_block"] = {"block_size": metrics["config"]["block_size"], "vocab_size": 50257,
+        lik = metrics["likelihood"][method]
+        out["likelihood_at_block"] = {"block_size": metrics["config"][method]["block_size"], "vocab_size": 50257,
                                       **{k: v for k, v in lik.items() if k in ("mdm_nelbo", "delbo", "iw_delbo")}}
     return out
 
@@ -188,16 +186,14 @@ def stage_step(name, method, argv, device, counter):
     the graph of the runs before is reused); bf16 vs float32 loss on one batch of random tokens."""
     cfg = MODULES[name].parse_config(argv + ["--device", str(device)])
     torch.manual_seed(0)
-    model, x0, objective, items = model_and_batch(name, cfg, method, device)
+    model, x0, items = model_and_batch(name, cfg, method)
     with torch.no_grad():  # zero-initialised layers make a fresh network uniform in any precision: perturb them
         for p in model.parameters():
             if p.dim() > 1:
                 p.add_(0.02 * torch.randn_like(p))
     model, x0 = model.to(device), x0.to(device)
     graphs_before = counter.graphs
-    compiled = torch.compile(model if objective is None else (lambda x0, lam: objective(model, x0, lam)),
-                             backend=counter)
-    objective = objective or type(model).__call__
+    compiled = torch.compile(model, backend=counter)
     lam = torch.tensor(0.5)
     out = {}
     out = {}
@@ -206,14 +202,14 @@ def stage_step(name, method, argv, device, counter):
         for dtype in ("float32", "bfloat16"):
             torch.manual_seed(1)
             with common.autocast(device, dtype):
-                losses.append(objective(model, x0, lam)[0].float().mean().item())
+                losses.append(model(x0, lam)[0].float().mean().item())
     out["loss_float32"], out["loss_bf16"] = losses
     out["loss_relative_difference"] = abs(losses[1] - losses[0]) / abs(losses[0])
 
     from torch.utils.flop_counter import FlopCounterMode
     flops = FlopCounterMode(display=False)
     with flops, common.autocast(device, "bfloat16"):
-        objective(model, x0, lam)[0].mean().backward()
+        model(x0, lam)[0].mean().backward()
     out["flops_per_iteration"] = flops.get_total_flops()
     model.zero_grad(set_to_none=True)
 

@@ -5,12 +5,13 @@ import functools
 import json
 import math
 import os
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import common
 import vadd_text as vt
@@ -87,7 +88,7 @@ def test_fixture_builds_the_gpt2_encoding():
 
 def test_gpt2_text_file_both_methods(tmp_path, capsys):
     data = write_text(tmp_path / "poem.txt")
-    metrics = vt.main(tiny_args(tmp_path, data, "--method", "both"))
+    metrics = vt.main(tiny_args(tmp_path, data, "--method", "both", "--tokenizer", "gpt2"))
     saved = check_outputs(tmp_path / "out", metrics, 50257, ["mdm", "vadd_cs"])
     lik = saved["likelihood"]
     for method, key in (("mdm", "mdm_nelbo"), ("vadd", "delbo"), ("vadd", "iw_delbo"), ("vadd", "kl")):
@@ -229,31 +230,36 @@ def test_resume_matches_a_run_straight_through(tmp_path, monkeypatch):
         assert torch.equal(a["ema"]["params"][k], b["ema"]["params"][k]), k
 
 
-def _ddp_worker(rank, world, rendezvous, argv, record):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    # the processes meet through a file, not a port: a free port picked and released here can be taken by
-    # another program before the workers bind it
-    init = dist.init_process_group
-    dist.init_process_group = lambda backend, **kw: init(backend, init_method=f"file://{rendezvous}", rank=rank,
-                                                         world_size=world, **kw)
-    get_batch, seen = vt.get_batch, []
+WORKER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import vadd_text as vt
+get_batch, seen = vt.get_batch, []
 
-    def spy(ids, offsets, block_size, device):
-        seen.append((len(ids), [int(o) for o in offsets]))
-        return get_batch(ids, offsets, block_size, device)
 
-    vt.get_batch = spy
-    vt.main(argv)
-    with open(f"{record}.{rank}.json", "w") as f:
-        json.dump(seen, f)
+def spy(ids, offsets, block_size, device):
+    seen.append((len(ids), [int(o) for o in offsets]))
+    return get_batch(ids, offsets, block_size, device)
+
+
+vt.get_batch = spy
+vt.main(sys.argv[1:])
+with open(f"{record}.{{os.environ['RANK']}}.json", "w") as f:
+    json.dump(seen, f)
+"""
 
 
 def test_ddp_two_processes_read_different_windows(tmp_path):
+    """torchrun --standalone with gloo (torchrun picks and holds the port): each rank reads its own windows."""
     data = write_text(tmp_path / "poem.txt")
     argv = tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "vadd", "--max-iters", "4",
                      "--device", "cpu")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), argv, str(tmp_path / "seen")), nprocs=2, join=True)
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    record=str(tmp_path / "seen")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
     seen = [json.loads((tmp_path / f"seen.{r}.json").read_text()) for r in (0, 1)]
     n_train = max(n for n, _ in seen[0])
     windows = [[o for n, o in s if n == n_train] for s in seen]  # training reads (the validation split is smaller)
@@ -288,10 +294,14 @@ def tiny_scorer(folder, text, context):
     return fast
 
 
+def load_scorer(folder, default=False):
+    return vt.load_scorer(types.SimpleNamespace(eval_model=str(folder), device="cpu", default_scorer=default))
+
+
 def test_generative_perplexity_scores_every_token_once(tmp_path):
     text = write_text(tmp_path / "poem.txt").read_text()
     fast = tiny_scorer(tmp_path / "scorer", text, context=512)
-    scorer = vt.load_scorer(str(tmp_path / "scorer"), "cpu")
+    scorer = load_scorer(tmp_path / "scorer")
     texts = ["the king shall speak<|endoftext|>of love", "good night, sweet prince"]
     nll, count = 0.0, 0
     for t in texts:  # by hand: EOS first, every token scored given all before it
@@ -302,7 +312,7 @@ def test_generative_perplexity_scores_every_token_once(tmp_path):
     assert vt.generative_perplexity(texts, scorer, "cpu") == pytest.approx(math.exp(nll / count), rel=1e-5)
     # a context shorter than the text: scored in windows, every token still once
     small = tiny_scorer(tmp_path / "short", text, context=4)
-    short = vt.load_scorer(str(tmp_path / "short"), "cpu")
+    short = load_scorer(tmp_path / "short")
     ppl = vt.generative_perplexity(texts, short, "cpu")
     assert math.isfinite(ppl) and 1 < ppl < 10 * len(small)
 
@@ -312,7 +322,7 @@ def test_main_reports_gen_ppl_with_a_local_scorer(tmp_path):
     tiny_scorer(tmp_path / "scorer", data.read_text(), context=64)
     metrics = vt.main(tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "mdm",
                                 "--eval-model", str(tmp_path / "scorer")))
-    scorer = vt.load_scorer(str(tmp_path / "scorer"), "cpu")
+    scorer = load_scorer(tmp_path / "scorer")
     meta_alphabet = "".join(sorted(set(data.read_text())))
     for row in metrics["by_steps"]:
         tokens = np.load(tmp_path / "out" / f"samples_mdm_T{row['steps']}.npy")
