@@ -253,7 +253,7 @@ def pick_device(name="auto"):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda":  # float32 matmuls (--dtype float32) on TF32 tensor cores: ~8x faster, 10-bit mantissa
+    if device.type == "cuda":  # float32 matmuls on TF32 tensor cores: about 8x faster, with a 10-bit mantissa
         torch.set_float32_matmul_precision("high")
     return device
 
@@ -336,9 +336,21 @@ def counts(text):
     return [int(v) for v in values]
 
 
+def choose_preset(args, cpu_run):
+    """--preset left unset: 'gpu' where CUDA is (or --device asks for it), else 'cpu', said on the first line."""
+    if args.preset is None:
+        cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+        args.preset = "gpu" if cuda else "cpu"
+        if not cuda and int(os.environ.get("RANK", 0)) == 0:
+            print(f"no CUDA device: --preset cpu, {cpu_run}; --preset gpu runs the GPU-sized setting")
+    return args.preset
+
+
 def finish_config(cfg, parser, folders):
     """What every script derives after parsing: the device, bf16 and torch.compile on CUDA only (unless
     given), lambda's warm-up over half the run (unless given), and folders that can be created."""
+    if cfg.resume and cfg.overwrite:
+        parser.error("--resume continues the run in --out-dir and --overwrite replaces it: give one of them")
     try:
         cfg.device = str(pick_device(cfg.device))
     except (ValueError, RuntimeError) as e:
@@ -404,10 +416,10 @@ def print0(*args):
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically with every random state; refused when the weights' settings differ
 
-def prepare_out_dir(cfg, trained, method_files):
+def prepare_out_dir(cfg, trained, method_of):
     """Before any training: --out-dir must be a writable folder, and a run of a method this run trains may be
-    there only with --resume (continue it) or --overwrite (replace it: that method's files go first, so nothing
-    stale stays beside the new ones). `method_files(method)` lists the file patterns of a method's run."""
+    there only with --resume (continue it) or --overwrite (replace it: its checkpoint and samples go first, so
+    nothing stale stays beside the new ones). `method_of` maps each sampler to its method."""
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         probe = os.path.join(cfg.out_dir, f".probe{os.getpid()}")
@@ -422,9 +434,9 @@ def prepare_out_dir(cfg, trained, method_files):
             raise SystemExit(f"{cfg.out_dir} already holds a {method} run ({ckpt}): pass --resume to continue it "
                              f"or --overwrite to replace it")
         if cfg.overwrite:
-            for pattern in method_files(method):
-                for path in glob.glob(os.path.join(cfg.out_dir, pattern)):
-                    os.remove(path)
+            patterns = [f"ckpt_{method}.pt"] + [f"samples_{s}_T*" for s, m in method_of.items() if m == method]
+            for path in [p for pattern in patterns for p in glob.glob(os.path.join(cfg.out_dir, pattern))]:
+                os.remove(path)
         elif cfg.resume and not os.path.exists(ckpt):
             print(f"--resume: {cfg.out_dir} holds no ckpt_{method}.pt, so {method} starts from scratch")
     if trained and cfg.max_iters == 0:
@@ -490,27 +502,49 @@ def read_checkpoint(path, settings, needed, resume):
 # ----------------------------------------------------------------------------------------------------------
 # Reporting: progress lines and metrics.json
 
+HEARTBEAT_SECONDS = 5.0
+
+
 class Heartbeat:
-    """A line at least every `every` seconds through a long stage (evaluation, sampling): what and how far."""
+    """A line at least every HEARTBEAT_SECONDS through a long stage (evaluation, sampling): what, how far."""
 
-    def __init__(self, what, total, every=5.0):
-        self.what, self.total, self.every, self.last = what, total, every, time.time()
+    def __init__(self, what):
+        self.what, self.last = what, time.time()
 
-    def __call__(self, done):
-        if time.time() - self.last >= self.every:
+    def __call__(self, how_far):
+        if time.time() - self.last >= HEARTBEAT_SECONDS:
             self.last = time.time()
-            print0(f"{self.what}: {done}/{self.total}")
+            print0(f"{self.what}: {how_far}")
+
+
+class RunClock:
+    """Time left in the whole run: the training iterations still to come (every method's) at the current
+    rate, plus their evaluation and sampling, at the ratio to training time measured on the methods done so
+    far (one half until the first is done). The estimate corrects itself as the run goes."""
+
+    def __init__(self, iterations):
+        self.iterations, self.train_seconds, self.other_seconds = iterations, 0.0, 0.0
+
+    def eta(self, seconds_per_iteration):
+        ratio = self.other_seconds / self.train_seconds if self.train_seconds > 0 else 0.5
+        return self.iterations * seconds_per_iteration * (1 + ratio)
+
+    def method_done(self, train_seconds, other_seconds):
+        self.train_seconds += train_seconds
+        self.other_seconds += other_seconds
 
 
 class Progress:
     """Throughput and time left of a training run, leaving out the first iteration (where torch.compile
     compiles) and the iterations of an earlier run that this one resumed."""
 
-    def __init__(self, start, total, items_per_iter, unit):
+    def __init__(self, start, total, items_per_iter, unit, clock=None):
         self.start, self.total, self.items, self.unit, self.t1 = start, total, items_per_iter, unit, None
+        self.clock = clock or RunClock(total - start)
 
     def tick(self, it):
         """After iteration `it` (counted from 1)."""
+        self.clock.iterations -= 1
         if it == self.start + 1:
             self.t1 = time.time()
 
@@ -522,7 +556,8 @@ class Progress:
         speed = self.rate(it)
         eta = (self.total - it) * self.items / speed if speed > 0 else math.nan
         shown = " | ".join(f"{k} {v:.4g}" for k, v in figures.items())
-        return f"iter {it:7d}/{self.total} | {shown} | {speed:9.1f} {self.unit} | eta {eta:6.0f}s"
+        run = self.clock.eta(self.items / speed) if speed > 0 else math.nan
+        return f"iter {it:7d}/{self.total} | {shown} | {speed:9.1f} {self.unit} | eta {eta:5.0f}s, run {run:5.0f}s"
 
 
 def save_metrics(out_dir, metrics, trained, method_of):

@@ -64,7 +64,8 @@ def build_parser():
             help += f" (gpu: {PRESETS['gpu'][key]}, cpu: {PRESETS['cpu'][key]})"
         p.add_argument(flag, *args, help=help, **kw)
 
-    a("--preset", default="gpu", choices=tuple(PRESETS), help="defaults for every flag left unset (default gpu)")
+    a("--preset", choices=tuple(PRESETS), help="defaults for every flag left unset (default: gpu where CUDA is, "
+      "else cpu)")
     a("--method", default="both", choices=("mdm", "vadd", "both"),
       help="train MDM, VADD, or both one after the other with the same seed, data and budget (default both)")
     # data
@@ -118,6 +119,7 @@ def build_parser():
     a("--compile", default=None, action=argparse.BooleanOptionalAction, help="torch.compile (default on CUDA)")
     a("--out-dir", default=os.path.join("out", "cifar"), help="output folder (default %(default)s)")
     a("--resume", action="store_true", help="continue training from ckpt_<method>.pt in --out-dir")
+    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
     a("--eval-only", action="store_true", help="no training: likelihoods, samples and FID from ckpt_<method>.pt")
     a("--sample-only", action="store_true", help="no training, no likelihoods: samples and FID from checkpoints")
     a("--log-interval", type=whole(), help="iterations between progress lines")
@@ -163,7 +165,8 @@ def parse_config(argv=None):
     """Parse with the preset's values as defaults (flags given still win), then check what involves several
     flags, before anything is written; a bad value stops with one sentence."""
     p = build_parser()
-    p.set_defaults(**PRESETS[p.parse_args(argv).preset])
+    preset = common.choose_preset(p.parse_args(argv), "a small UNet, 1000 iterations of 32 images (minutes)")
+    p.set_defaults(**PRESETS[preset], preset=preset)
     cfg = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -503,12 +506,14 @@ def sample(model, num, T, sampler, cfg):
     Returns (uint8 images (num, 32, 32, 3), network evaluations per image)."""
     device, latent = next(model.parameters()).device, SAMPLERS[sampler][2]
     images, evaluations = [], 0
+    beat = common.Heartbeat(f"[{sampler}] sampling {num} images in {T} steps")
     for start in range(0, num, cfg.sample_batch):
         n = min(cfg.sample_batch, num - start)
         xt = torch.full((n, *SHAPE), model.mask_id, dtype=torch.long, device=device)
         logits = torch.empty(n, *SHAPE, V, device=device)
         z, stale = None, torch.ones(n, dtype=torch.bool, device=device)
         for i in range(T, 0, -1):
+            beat(f"images {start + 1}-{start + n} of {num}, step {T - i + 1} of {T}")
             new_z = latent(z, n, model)
             stale |= new_z is not z or model.time_cond
             z, t = new_z, torch.full((n,), i / T, device=device)
@@ -543,7 +548,10 @@ def likelihoods(model, x0, cfg):
     samplers = [s for s, (_, method, _) in SAMPLERS.items() if method == model.method]
     keys = ["delbo", "iw_delbo"] if vadd else ["mdm_nelbo"]
     figures = {key: [] for key in keys + [(s, T) for s in samplers for T in cfg.steps]}
-    for x in x0.split(min(cfg.eval_batch, common.rows_per_call(D, V))):
+    chunk = min(cfg.eval_batch, common.rows_per_call(D, V))
+    beat = common.Heartbeat(f"[{model.method}] likelihoods of {len(x0)} test images")
+    for done, x in enumerate(x0.split(chunk)):
+        beat(f"{done * chunk} done")
         x = x.to(device)
         with common.autocast(device, cfg.dtype):
             figures[keys[0]].append(delbo(model, x, 1.0)[0])
@@ -595,7 +603,7 @@ def fid_update(metric, images, real, batch=500):
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
-def train(cfg, method, data, ckpt=None, rank=0, world=1):
+def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
     """Train one method on every rank, from a checkpoint if given; returns the model with its EMA weights
     loaded, the history ({"train": (iteration, loss bpd, KL nats, lambda), "val": (iteration, bpd)}) and a
     summary (iterations, seconds, throughput)."""
@@ -618,7 +626,7 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1):
     counts = {name: sum(p.numel() for p in part.parameters()) / 1e6 for name, part in model.named_children()}
     common.print0(f"[{method}] parameters: " + ", ".join(f"{k} {v:.2f}M" for k, v in counts.items()) + f"; "
                   f"{cfg.max_iters} iterations of {cfg.batch_size} images ({world} x {cfg.grad_accum} x {micro})")
-    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s"), time.time()
+    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock), time.time()
     curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
@@ -706,11 +714,12 @@ def main(argv=None):
         checkpoints = {m: common.read_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{m}.pt"),
                                                  weight_settings(cfg, m), needed, cfg.resume) for m in methods}
         fid = fid_metric(cfg) if cfg.fid and rank == 0 else None  # rank 0 scores the samples
+        method_of = {s: v[1] for s, v in SAMPLERS.items()}
         if rank > 0:
-            dist.barrier()  # rank 0 downloads into the cache and makes --out-dir first, the others then read
+            dist.barrier()  # rank 0 downloads into the cache and prepares --out-dir first, the others then read
         data = load_cifar(cfg) if not cfg.sample_only or cfg.fid else None
-        if rank == 0:
-            os.makedirs(cfg.out_dir, exist_ok=True)
+        if rank == 0:  # after the data is checked, before any training
+            common.prepare_out_dir(cfg, trained, method_of)
             if world > 1:
                 dist.barrier()
         run_start = time.time()
@@ -720,16 +729,19 @@ def main(argv=None):
         metrics = {"unit": "bits per dimension (sub-pixel); KL in nats per image", "config": {}, "likelihood": {},
                    "training": {}, "by_steps": []}
         histories = {}
+        clock = common.RunClock(sum(cfg.max_iters - (c["iter"] if c else 0) for m, c in checkpoints.items()
+                                    if m in trained))
         for method in methods:
             if method in trained:
-                model, histories[method], summary = train(cfg, method, data, checkpoints[method], rank, world)
+                model, histories[method], summary = train(cfg, method, data, checkpoints[method], rank, world,
+                                                          clock)
                 metrics["training"][method] = summary
                 metrics["config"][method] = dict(vars(cfg))
             else:  # the checkpoint's EMA weights
                 model = Model(cfg, method)
                 model.load_state_dict(checkpoints[method]["ema"]["params"])
                 model, histories[method] = model.to(cfg.device).eval(), checkpoints[method]["history"]
-            figures = {}
+            figures, evaluation_start = {}, time.time()
             if not cfg.sample_only:
                 common.seed_everything(cfg.seed + 3 + 1000 * rank)
                 figures = likelihoods(model, torch.from_numpy(data[2][:cfg.num_eval]).long()[rank::world], cfg)
@@ -740,10 +752,12 @@ def main(argv=None):
             for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
                 for T in cfg.steps:
                     metrics["by_steps"].append(sample_row(cfg, model, sampler, T, figures, fid, rank, world))
+            if method in trained:
+                clock.method_done(metrics["training"][method]["seconds"], time.time() - evaluation_start)
         if rank > 0:
             return None
         metrics["seconds"] = time.time() - run_start
-        metrics = common.save_metrics(cfg.out_dir, metrics, trained, {s: v[1] for s, v in SAMPLERS.items()})
+        metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
         plot_overview(os.path.join(cfg.out_dir, "samples.png"), cfg, data[2] if data else None, metrics)
         plot_by_steps(os.path.join(cfg.out_dir, "by_steps.png"), metrics["by_steps"])
         plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
@@ -827,7 +841,7 @@ def plot_overview(path, cfg, data, metrics):
     counts; each cell 16 images."""
     plt = pyplot()
     rows = ["data"] + [s for s in SAMPLERS if any(r["sampler"] == s for r in metrics["by_steps"])]
-    fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(2 * len(cfg.steps), 2.1 * len(rows)),
+    fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(max(6, 2 * len(cfg.steps)), 2.1 * len(rows)),
                              squeeze=False)
     for r, row in enumerate(rows):
         for c, T in enumerate(cfg.steps):
@@ -879,9 +893,14 @@ def plot_training(path, histories):
             axes[2].plot(h[:, 0], h[:, 3])
     titles = ["loss (MDM NELBO; VADD DELBO at lambda), bits per dim", "VADD: KL(r || p), nats per image",
               "VADD: lambda"]
-    for ax, title in zip(axes, titles):
+    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
+    for ax, title, full in zip(axes, titles, drawn):
         ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
-    axes[0].legend(fontsize=7)
+        if not full:  # say why instead of drawing empty axes
+            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
+                    transform=ax.transAxes)
+    if drawn[0]:
+        axes[0].legend(fontsize=7)
     save(fig, path)
 
 

@@ -66,7 +66,8 @@ def resolutions(text):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a, whole, number = p.add_argument, common.whole, common.number
-    a("--preset", default="gpu", choices=tuple(PRESETS), help="default set: gpu (below) or cpu (small, minutes)")
+    a("--preset", choices=tuple(PRESETS), help="default set: gpu (below) or cpu (a small UNet, minutes); "
+      "default: gpu where CUDA is, else cpu")
     a("--method", default="both", choices=("mdm", "vadd", "both"),
       help="train MDM, VADD, or both one after the other with the same seed, data and budget (default both)")
     a("--data", default=None, help="folder with the four MNIST IDX files (gzipped or not); no network, no md5")
@@ -115,6 +116,7 @@ def build_parser():
     a("--compile", default=None, action=argparse.BooleanOptionalAction, help="torch.compile (default on CUDA)")
     a("--out-dir", default=os.path.join("out", "mnist"), help="output folder (default %(default)s)")
     a("--resume", action="store_true", help="continue training from ckpt_<method>.pt in --out-dir")
+    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
     only = p.add_mutually_exclusive_group().add_argument
     only("--eval-only", action="store_true", help="no training: evaluate and sample from ckpt_<method>.pt")
     only("--sample-only", action="store_true", help="no training, no likelihoods: sample from ckpt_<method>.pt")
@@ -127,7 +129,9 @@ def build_parser():
 def parse_config(argv=None):
     """Parse and check every flag before anything is written; a bad value stops with one sentence."""
     p = build_parser()
-    p.set_defaults(**PRESETS[p.parse_args(argv).preset])  # the preset changes defaults; flags given still win
+    preset = common.choose_preset(p.parse_args(argv), "a small UNet on 2 x 2 patches, 4000 iterations of 64 "
+                                  "images (about 16 minutes on 2 cores)")
+    p.set_defaults(**PRESETS[preset], preset=preset)  # the preset changes defaults; flags given still win
     cfg = p.parse_args(argv)
     if cfg.channels % 8:
         p.error(f"--channels {cfg.channels}: must be a multiple of 8 (group normalisation uses 8 groups)")
@@ -494,12 +498,14 @@ def sample(model, num, T, sampler, cfg):
     still hold a [M] and whose input (x_t or z) changed since its last call: without a time input its output
     would be the same. Returns (uint8 images (num, 32, 32), network evaluations per image)."""
     device, latent, out, evaluations = next(model.parameters()).device, SAMPLERS[sampler][2], [], 0
+    beat = common.Heartbeat(f"[{sampler}] sampling {num} images in {T} steps")
     for start in range(0, num, cfg.sample_batch):
         n = min(cfg.sample_batch, num - start)
         xt = torch.full((n, SIZE, SIZE), model.mask_id, dtype=torch.long, device=device)
         logits = torch.empty(n, SIZE, SIZE, V, device=device)
         z, stale = None, torch.ones(n, dtype=torch.bool, device=device)
         for i in range(T, 0, -1):
+            beat(f"images {start + 1}-{start + n} of {num}, step {T - i + 1} of {T}")
             new_z = latent(z, n, model)
             stale |= new_z is not z or model.time_cond
             z, t = new_z, torch.full((n,), i / T, device=device)
@@ -528,8 +534,10 @@ def likelihoods(model, x0, cfg):
     device, per, vadd = torch.device(cfg.device), {}, model.recognition is not None
     chunk = min(cfg.eval_batch, common.rows_per_call(D, V))
     samplers = [s for s, (_, method, _) in SAMPLERS.items() if method == model.method]
-    for _ in range(cfg.eval_repeats):
-        for x in x0.split(chunk):
+    beat = common.Heartbeat(f"[{model.method}] likelihoods of {len(x0)} test images x {cfg.eval_repeats}")
+    for repeat in range(cfg.eval_repeats):
+        for done, x in enumerate(x0.split(chunk)):
+            beat(f"pass {repeat + 1}, {done * chunk} images done")
             x, figures = x.to(device), {}
             with common.autocast(device, cfg.dtype):
                 figures["delbo" if vadd else "mdm_nelbo"] = delbo(model, x, 1.0)[0]
@@ -571,7 +579,7 @@ def nearest_hamming(images, reference, chunk=1000):
 HISTORY_EVERY = 20  # iterations averaged into one point of the training curve
 
 
-def train(cfg, method, data, ckpt, rank, world):
+def train(cfg, method, data, ckpt, rank, world, clock=None):
     """Train one method on data = (train, validation images), from a checkpoint if given; returns the model
     with its EMA weights loaded, the history (training curve, validation points) and a summary."""
     device, (train_x, val_x) = torch.device(cfg.device), data
@@ -593,7 +601,7 @@ def train(cfg, method, data, ckpt, rank, world):
                       for k, part in model.named_children())
     common.print0(f"[{method}] parameters: {sizes}; {cfg.max_iters} iterations of {cfg.batch_size} images on "
                   f"{world} process(es) x {cfg.grad_accum} micro-batch(es)")
-    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s"), time.time()
+    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock), time.time()
     curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
@@ -680,22 +688,27 @@ def main(argv=None):
                                                  weight_settings(cfg, m), needed=not trained, resume=cfg.resume)
                        for m in methods}
         train_x, val_x, test_x = load_mnist(cfg)
-        if rank == 0:
-            os.makedirs(cfg.out_dir, exist_ok=True)
+        method_of = {s: v[1] for s, v in SAMPLERS.items()}
+        if rank == 0:  # after the data is checked, before any training
+            common.prepare_out_dir(cfg, trained, method_of)
         common.print0(f"MNIST: {len(train_x)} training, {len(val_x)} validation, {len(test_x)} test images "
                       f"of 32 x 32")
         run_start, histories = time.time(), {}
+        clock = common.RunClock(sum(cfg.max_iters - (c["iter"] if c else 0) for m, c in checkpoints.items()
+                                    if m in trained))
         metrics = {"unit": "bits per dimension (nats per image / (1024 ln 2))", "config": {}, "likelihood": {},
                    "training": {}, "by_steps": []}
         for method in methods:
             if method in trained:
-                model, histories[method], metrics["training"][method] = train(cfg, method, (train_x, val_x),
-                                                                              checkpoints[method], rank, world)
+                model, histories[method], summary = train(cfg, method, (train_x, val_x), checkpoints[method], rank,
+                                                          world, clock)
+                metrics["training"][method] = summary
+                metrics["config"][method] = dict(vars(cfg))
             else:  # the EMA weights of the checkpoint
                 model = Model(cfg, method).to(cfg.device)
                 model.load_state_dict(checkpoints[method]["ema"]["params"])
                 model, histories[method] = model.eval(), checkpoints[method]["history"]
-            metrics["config"][method] = dict(vars(cfg))
+            evaluation_start = time.time()
             common.seed_everything(cfg.seed + 1 + rank)  # each rank its own draws for its share of the test set
             figures = {} if cfg.sample_only else likelihoods(model, test_x[rank::world], cfg)
             lik = metrics["likelihood"][method] = {}
@@ -718,11 +731,13 @@ def main(argv=None):
                     np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
                     save_grid(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), images,
                               f"{SAMPLERS[sampler][0]}, T = {T}")
+            if method in trained:
+                clock.method_done(metrics["training"][method]["seconds"], time.time() - evaluation_start)
         if rank:
             return None
         metrics["test_nn_hamming"] = nearest_hamming(spread(test_x, min(cfg.num_samples, len(test_x))), train_x)
         metrics["seconds"] = time.time() - run_start
-        metrics = common.save_metrics(cfg.out_dir, metrics, trained, {s: v[1] for s, v in SAMPLERS.items()})
+        metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
         plot_overview(os.path.join(cfg.out_dir, "overview.png"), cfg, spread(test_x, 16).numpy(), metrics)
         plot_bounds(os.path.join(cfg.out_dir, "bounds.png"), metrics)
         plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
@@ -798,7 +813,7 @@ def plot_overview(path, cfg, data, metrics, per_cell=16):
     counts; each cell a 4 x 4 mosaic."""
     plt = pyplot()
     rows = ["data"] + [s for s in SAMPLERS if any(r["sampler"] == s for r in metrics["by_steps"])]
-    fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(1.9 * len(cfg.steps), 2 * len(rows)),
+    fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(max(6, 1.9 * len(cfg.steps)), 2 * len(rows)),
                              squeeze=False)
     for r, row in enumerate(rows):
         for c, T in enumerate(cfg.steps):
@@ -851,9 +866,15 @@ def plot_training(path, histories):
             axes[2].plot(train[:, 0], train[:, 3])
     titles = ["training loss (bpd; VADD at lambda)", "VADD: KL(r || p), nats per image", "VADD: lambda",
               "validation NELBO / DELBO (bpd, EMA)"]
-    for ax, title in zip(axes, titles):
+    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
+    for ax, title, full in zip(axes, titles, drawn):
         ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
-    axes[0].legend(fontsize=7), axes[3].legend(fontsize=7)
+        if not full:  # say why instead of drawing empty axes
+            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
+                    transform=ax.transAxes)
+    for ax in (axes[0], axes[3]):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     savefig(fig, path)
 
 

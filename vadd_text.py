@@ -118,12 +118,8 @@ def parse_config(argv=None):
     """Parse and check every flag before anything is written; a bad value stops with one sentence."""
     p = build_parser()
     first = p.parse_args(argv)
-    if first.preset is None:
-        cuda = torch.cuda.is_available() if first.device == "auto" else first.device.startswith("cuda")
-        first.preset = "gpu" if cuda else "cpu"
-        if not cuda and int(os.environ.get("RANK", 0)) == 0:
-            print("no CUDA device: --preset cpu, a 4-layer DiT on characters, 1000 iterations of 32 x 128 tokens "
-                  "(about 10 minutes on 2 cores); --preset gpu runs the GPU-sized model")
+    common.choose_preset(first, "a 4-layer DiT on characters, 1000 iterations of 32 x 128 tokens (about 10 "
+                                "minutes on 2 cores)")
     preset = {k: v for k, v in PRESETS[first.preset].items() if k != "tokenizer"}
     p.set_defaults(**{**preset, "preset": first.preset,
                       "block_size": BLOCK_SIZE.get(first.data, preset.get("block_size", 256))})
@@ -142,8 +138,6 @@ def parse_config(argv=None):
         p.error(f"--num-eval {cfg.num_eval} must be at least the number of processes, {world}")
     if cfg.eval_only and cfg.sample_only:
         p.error("--eval-only already samples: give one of --eval-only and --sample-only")
-    if cfg.resume and cfg.overwrite:
-        p.error("--resume continues the run in --out-dir and --overwrite replaces it: give one of them")
     name = cfg.data if cfg.data in NAMED else None  # else a prepared folder or a non-empty text file
     if name is None and not os.path.exists(cfg.data):
         p.error(f"--data {cfg.data!r}: no such file or folder, and not one of {', '.join(NAMED)}")
@@ -230,8 +224,8 @@ def download_shakespeare(cache_dir):
         try:
             urllib.request.urlretrieve(SHAKESPEARE_URL, tmp)
         except OSError as e:
-            raise SystemExit(f"cannot download tiny-shakespeare from {SHAKESPEARE_URL} ({getattr(e, 'reason', e)}):"
-                             f" check the network, or pass --data PATH with a text file or a prepared folder")
+            raise SystemExit(f"cannot download tiny-shakespeare from {SHAKESPEARE_URL} ({getattr(e, 'reason', e)})"
+                             f": check the network, or pass --data PATH with a text file or a prepared folder")
         size = os.path.getsize(tmp)
         if size != SHAKESPEARE_BYTES:
             os.remove(tmp)
@@ -591,11 +585,13 @@ def sample(model, num, T, sampler, cfg):
     output would be the same. Returns (tokens, network evaluations per sequence)."""
     device, latent, V, L = torch.device(cfg.device), SAMPLERS[sampler][2], model.vocab_size, cfg.block_size
     out, evaluations = [], 0
+    beat = common.Heartbeat(f"[{sampler}] sampling {num} sequences in {T} steps")
     for first in range(0, num, cfg.sample_batch):
         b = min(cfg.sample_batch, num - first)
         xt = torch.full((b, L), model.mask_id, dtype=torch.long, device=device)
         logits, z, stale = None, None, torch.ones(b, dtype=torch.bool, device=device)
         for i in range(T, 0, -1):
+            beat(f"sequences {first + 1}-{first + b} of {num}, step {T - i + 1} of {T}")
             new_z = latent(z, b, model)
             stale |= new_z is not z or model.time_cond
             z, t = new_z, torch.full((b,), i / T, device=device)
@@ -624,8 +620,10 @@ def likelihoods(model, x0, cfg):
     bounds), the KL of r to the prior (nats per sequence), and under (sampler, T) the valid T-step bound of
     every sampler at every step count."""
     device, L, V, rec = torch.device(cfg.device), cfg.block_size, model.mask_id, model.recognition
-    values = {}
-    for x in x0.split(min(cfg.eval_batch, common.rows_per_call(L, V))):
+    values, chunk = {}, min(cfg.eval_batch, common.rows_per_call(L, V))
+    beat = common.Heartbeat(f"[{model.method}] likelihoods of {len(x0)} windows")
+    for done, x in enumerate(x0.split(chunk)):
+        beat(f"{done * chunk} done")
         x = x.to(device)
         with common.autocast(device, cfg.dtype):
             loss, kl = delbo(model, x, 1.0)
@@ -722,7 +720,7 @@ def peak_flops(device):
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
+def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
     """Train one method, from a checkpoint if given; returns the model with its EMA weights loaded, the
     loss history and a summary (throughput, MFU, final KL)."""
     device = torch.device(cfg.device)
@@ -745,7 +743,8 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
     flops = flops_per_token(model, cfg.block_size)
     common.print0(f"[{method}] {params / 1e6:.2f}M parameters, {cfg.max_iters} iterations of {cfg.batch_size} x "
                   f"{cfg.block_size} tokens on {world} process(es)")
-    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size * cfg.block_size, "tok/s"), time.time()
+    progress = common.Progress(start, cfg.max_iters, cfg.batch_size * cfg.block_size, "tok/s", clock)
+    t0 = time.time()
     curve, log = torch.zeros(4, device=device), torch.zeros(4, device=device)  # sums of (loss, KL, grad norm, n)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
@@ -835,8 +834,9 @@ def main(argv=None):
                                                  weight_settings(cfg, m), needed=no_training, resume=cfg.resume)
                        for m in methods}
         decode = decoder(meta)
+        method_of = {s: v[1] for s, v in SAMPLERS.items()}
         if rank == 0:
-            common.prepare_out_dir(cfg, [] if no_training else methods, method_files)
+            common.prepare_out_dir(cfg, [] if no_training else methods, method_of)
         scorer = load_scorer(cfg) if cfg.eval_model and rank == 0 else None  # before training: fails early
         run_start = time.time()
         val_x0 = eval_windows(val_ids, cfg, rank, world)
@@ -848,6 +848,8 @@ def main(argv=None):
         metrics = {"unit": "nats per token", "data": data, "config": {}, "likelihood": {}, "training": {},
                    "by_steps": [], "bounds": {"mdm_nelbo": True, "delbo": False, "iw_delbo": False}}
         histories = {}
+        clock = common.RunClock(0 if no_training else sum(cfg.max_iters - (c["iter"] if c else 0)
+                                                          for c in checkpoints.values()))
         for method in methods:
             if no_training:
                 model = Model(cfg, method, cfg.vocab_size).to(cfg.device)
@@ -855,9 +857,11 @@ def main(argv=None):
                 model.eval()
                 histories[method] = checkpoints[method]["history"]
             else:
-                model, histories[method], metrics["training"][method] = train(cfg, method, train_ids, val_x0,
-                                                                              checkpoints[method], rank, world)
-            metrics["config"][method] = dict(vars(cfg))
+                model, histories[method], summary = train(cfg, method, train_ids, val_x0, checkpoints[method],
+                                                          rank, world, clock)
+                metrics["training"][method] = summary
+                metrics["config"][method] = dict(vars(cfg))
+            evaluation_start = time.time()
             common.seed_everything(cfg.seed + 1 + rank)
             figures = {} if cfg.sample_only else likelihoods(model, val_x0, cfg)
             lik = metrics["likelihood"][method] = {"iw_samples": cfg.iw_samples} if "iw_delbo" in figures else {}
@@ -869,23 +873,18 @@ def main(argv=None):
             if rank == 0:
                 common.seed_everything(cfg.seed + 2)  # every method's samples from the same noise seed
                 metrics["by_steps"] += sample_rows(model, method, figures, decode, scorer, cfg)
+            if not no_training:
+                clock.method_done(metrics["training"][method]["seconds"], time.time() - evaluation_start)
         if rank != 0:
             return None
         metrics["seconds"] = time.time() - run_start
-        metrics = common.save_metrics(cfg.out_dir, metrics, [] if no_training else methods,
-                                      {s: v[1] for s, v in SAMPLERS.items()})
+        metrics = common.save_metrics(cfg.out_dir, metrics, [] if no_training else methods, method_of)
         plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
         plot_bounds(os.path.join(cfg.out_dir, "bounds.png"), metrics["by_steps"])
         print_table(cfg, metrics)
         return metrics
     finally:
         common.teardown_ddp()
-
-
-def method_files(method):
-    """The files of one method's run in --out-dir (what --overwrite removes)."""
-    return [f"ckpt_{method}.pt"] + [f"samples_{s}_T*.{ext}" for s, (_, m, _) in SAMPLERS.items() if m == method
-                                    for ext in ("npy", "txt")]
 
 
 def sample_rows(model, method, figures, decode, scorer, cfg):
@@ -961,9 +960,14 @@ def plot_training(path, histories):
             axes[2].plot(h[:, 0], h[:, 3], label=method)
     titles = ["loss (MDM: NELBO; VADD: DELBO at lambda), nats/token", "VADD: KL(r || p), nats/sequence",
               "VADD: lambda"]
-    for ax, title in zip(axes, titles):
+    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
+    for ax, title, full in zip(axes, titles, drawn):
         ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
-    axes[0].legend(fontsize=7)
+        if not full:  # say why instead of drawing empty axes
+            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
+                    transform=ax.transAxes)
+    if drawn[0]:
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -43,20 +43,20 @@ def build_parser():
     a("--max-iters", type=whole(0), default=6000, help="training iterations per method")
     a("--batch-size", type=whole(), default=512, help="points per training iteration")
     a("--lr", type=number(0, open_low=True), default=2e-3, help="peak learning rate of AdamW")
-    a("--warmup-iters", type=whole(0), default=100, help="linear learning-rate warm-up, then cosine decay to lr/10")
+    a("--warmup-iters", type=whole(0), default=100, help="linear warm-up of the learning rate, then cosine decay")
     a("--grad-clip", type=number(0, open_low=True), default=1.0, help="gradient-norm clipping")
-    a("--ema", type=number(0, 1, open_high=True), default=0.999, help="EMA decay of the evaluated weights (0 = off)")
+    a("--ema", type=number(0, 1, open_high=True), default=0.999, help="EMA decay of evaluated weights (0 = off)")
     # model
     a("--width", type=whole(2), default=128, help="hidden width of both MLPs")
     a("--depth", type=whole(0), default=2, help="residual blocks of the denoiser")
     a("--latent-dim", type=whole(), default=2, help="size of z (VADD)")
-    a("--kl-warmup", type=whole(0), default=None, help="iterations over which lambda rises to 1 (default max-iters/2)")
+    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1 (default max-iters/2)")
     a("--kl-start", type=number(0, 1), default=0.0, help="lambda at iteration 0")
     a("--schedule", default="linear", choices=common.SCHEDULES, help="masking schedule alpha(t)")
     a("--objective", default="delbo", choices=("delbo", "steps"),
       help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
            "consistency sampler (MDM: of the K-step sampler), docs/method.md (default delbo)")
-    a("--train-steps", type=common.counts, default="1,2,4,8", help="budgets K for --objective steps, one per point")
+    a("--train-steps", type=common.counts, default="1,2,4,8", help="budgets K of --objective steps, one per point")
     # run
     a("--seed", type=int, default=0, help="seeds training, data and sampling (same for both methods)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -66,6 +66,7 @@ def build_parser():
     a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd"),
       help="where reference histograms are cached")
     a("--resume", action="store_true", help="continue from ckpt_<method>.pt in --out-dir")
+    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
     a("--log-interval", type=whole(), default=500, help="iterations between progress lines")
     a("--ckpt-interval", type=whole(), default=2000, help="iterations between checkpoints (and one at the end)")
     return p
@@ -85,7 +86,7 @@ def parse_config(argv=None):
 def draw_points(dataset, n, rng):
     """n points of a 2D distribution (the FFJORD toy set, the usual benchmark), as an (n, 2) float array."""
     u = rng.uniform(size=n)
-    if dataset == "checkerboard":  # 8 squares of side 2: uniform over half of [-4, 4]^2, entropy ln 2048 at 64 bins
+    if dataset == "checkerboard":  # 8 squares of side 2, uniform over half of [-4, 4]^2: ln 2048 nats at 64 bins
         x1 = rng.uniform(-2, 2, n)
         x2 = rng.uniform(0, 1, n) - 2 * rng.integers(0, 2, n) + np.floor(x1) % 2
         return np.stack([x1, x2], 1) * 2
@@ -134,7 +135,8 @@ def reference_distribution(cfg):
     if os.path.exists(path):
         counts = np.load(path)
     else:
-        rng, counts, left = np.random.default_rng(20250522), np.zeros((cfg.bins, cfg.bins), np.int64), cfg.ref_points
+        rng, left = np.random.default_rng(20250522), cfg.ref_points
+        counts = np.zeros((cfg.bins, cfg.bins), np.int64)
         while left:
             n = min(left, 1_000_000)
             counts += histogram(draw_tokens(cfg.dataset, n, cfg.bins, rng), cfg.bins)
@@ -205,8 +207,8 @@ class Recognition(nn.Module):
         super().__init__()
         self.bins = bins
         self.embed = nn.Embedding(2 * bins, width // 2)
-        self.net = nn.Sequential(nn.Linear(width + 2, width), nn.SiLU(), ResidualBlock(width), ResidualBlock(width),
-                                 nn.LayerNorm(width), nn.Linear(width, 2 * latent_dim))
+        self.net = nn.Sequential(nn.Linear(width + 2, width), nn.SiLU(), ResidualBlock(width),
+                                 ResidualBlock(width), nn.LayerNorm(width), nn.Linear(width, 2 * latent_dim))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -288,7 +290,9 @@ def sample(model, num, T, sampler, cfg):
     xt = torch.full((num, 2), model.mask_id, dtype=torch.long, device=device)
     logits = torch.empty(num, 2, cfg.bins, device=device)
     z, stale, evaluations = None, torch.ones(num, dtype=torch.bool, device=device), 0
+    beat = common.Heartbeat(f"[{sampler}] sampling {num} points in {T} steps")
     for i in range(T, 0, -1):
+        beat(f"step {T - i + 1}")
         new_z = latent(z, num, model)
         stale |= new_z is not z or model.time_cond
         z, t = new_z, torch.full((num,), i / T, device=device)
@@ -332,9 +336,9 @@ def likelihoods(model, x0, cfg):
                                                              model.mask_id, cfg.iw_samples))
     for sampler in [s for s, (_, method, _) in SAMPLERS.items() if method == model.method]:
         for T in cfg.steps:
-            figures[sampler, T] = common.mean_se([common.step_bound(x, model.denoise, model.schedule, model.mask_id,
-                                                                    T, model.recognition, sampler, exact=True)
-                                                  for x in parts])
+            bounds = [common.step_bound(x, model.denoise, model.schedule, model.mask_id, T, model.recognition,
+                                        sampler, exact=True) for x in parts]
+            figures[sampler, T] = common.mean_se(bounds)
     return figures
 
 
@@ -344,7 +348,7 @@ def likelihoods(model, x0, cfg):
 HISTORY_EVERY = 50  # iterations averaged into one point of the training curves
 
 
-def train(cfg, method, ckpt=None):
+def train(cfg, method, ckpt=None, clock=None):
     """Train one method, from a checkpoint if given; returns the model with its EMA weights loaded, the loss
     history and a summary (iterations, seconds, throughput)."""
     device = torch.device(cfg.device)
@@ -360,7 +364,7 @@ def train(cfg, method, ckpt=None):
     step = torch.compile(model) if cfg.compile else model
     print(f"[{method}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.max_iters} "
           f"iterations of batch {cfg.batch_size}")
-    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "points/s"), time.time()
+    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "points/s", clock), time.time()
     curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
@@ -394,8 +398,9 @@ def train(cfg, method, ckpt=None):
             log.zero_()
             print(f"[{method}] " + progress.line(it + 1, loss=loss_sum / n, kl=kl_sum / n, **{"lambda": lam}))
         if save:
-            common.save_atomic(common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method), history,
-                                                     rng, device), path)
+            state = common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method), history, rng,
+                                          device)
+            common.save_atomic(state, path)
     summary = {"iters": cfg.max_iters - start, "seconds": time.time() - t0,
                "points_per_s": progress.rate(cfg.max_iters)}
     ema.copy_to(model)
@@ -416,21 +421,24 @@ def main(argv=None):
     methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
     checkpoints = {m: common.read_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{m}.pt"), weight_settings(cfg, m),
                                              needed=False, resume=cfg.resume) for m in methods}
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    method_of = {s: v[1] for s, v in SAMPLERS.items()}
+    common.prepare_out_dir(cfg, methods, method_of)
     run_start = time.time()
+    clock = common.RunClock(sum(cfg.max_iters - (c["iter"] if c else 0) for c in checkpoints.values()))
     reference = reference_distribution(cfg)
     data_tokens = draw_tokens(cfg.dataset, cfg.num_samples, cfg.bins, np.random.default_rng(cfg.seed + 1))
     np.save(os.path.join(cfg.out_dir, "data.npy"), data_tokens)
-    heldout = torch.from_numpy(draw_tokens(cfg.dataset, cfg.num_eval, cfg.bins, np.random.default_rng(cfg.seed + 2)))
+    heldout = draw_tokens(cfg.dataset, cfg.num_eval, cfg.bins, np.random.default_rng(cfg.seed + 2))
     data = {"entropy": float(-np.sum(reference[reference > 0] * np.log(reference[reference > 0]))),
             "noise_floor_js": sample_metrics(data_tokens, reference)["js"]}
-    metrics = {"unit": "nats per point", "data": data, "config": {}, "likelihood": {}, "training": {}, "by_steps": []}
+    metrics = {"unit": "nats per point", "data": data, "config": {}, "likelihood": {}, "training": {},
+               "by_steps": []}
     histories = {}
     for method in methods:
-        model, histories[method], metrics["training"][method] = train(cfg, method, checkpoints[method])
-        metrics["config"][method] = dict(vars(cfg))
+        model, histories[method], metrics["training"][method] = train(cfg, method, checkpoints[method], clock)
+        metrics["config"][method], evaluation_start = dict(vars(cfg)), time.time()
         common.seed_everything(cfg.seed + 3)
-        figures = likelihoods(model, heldout.to(cfg.device), cfg)
+        figures = likelihoods(model, torch.from_numpy(heldout).to(cfg.device), cfg)
         lik = metrics["likelihood"][method] = {"iw_samples": cfg.iw_samples} if method == "vadd" else {}
         for key, (mean, se) in figures.items():
             if isinstance(key, str):
@@ -444,8 +452,9 @@ def main(argv=None):
                 metrics["by_steps"].append({"sampler": sampler, "steps": T, "bound": bound, "bound_se": bound_se,
                                             "sample_seconds": time.time() - t0, "nfe": nfe,
                                             **sample_metrics(tokens, reference)})
+        clock.method_done(metrics["training"][method]["seconds"], time.time() - evaluation_start)
     metrics["seconds"] = time.time() - run_start
-    metrics = common.save_metrics(cfg.out_dir, metrics, methods, {s: v[1] for s, v in SAMPLERS.items()})
+    metrics = common.save_metrics(cfg.out_dir, metrics, methods, method_of)
     plot_samples(os.path.join(cfg.out_dir, "samples.png"), cfg, data_tokens, metrics)
     plot_js(os.path.join(cfg.out_dir, "js.png"), cfg, metrics)
     plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
@@ -488,8 +497,8 @@ def plot_samples(path, cfg, data_tokens, metrics):
     binned as its method was trained)."""
     plt = pyplot()
     samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in metrics["by_steps"])]
-    fig, axes = plt.subplots(1 + len(samplers), len(cfg.steps), figsize=(2 * len(cfg.steps), 2 + 2 * len(samplers)),
-                             squeeze=False)
+    size = (max(6, 2 * len(cfg.steps)), 2 + 2 * len(samplers))  # wide enough for the title
+    fig, axes = plt.subplots(1 + len(samplers), len(cfg.steps), figsize=size, squeeze=False)
     for r, row in enumerate(["data"] + samplers):
         bins = cfg.bins if row == "data" else metrics["config"][SAMPLERS[row][1]]["bins"]
         for c, T in enumerate(cfg.steps):
@@ -535,9 +544,14 @@ def plot_training(path, histories):
             axes[1].plot(h[:, 0], h[:, 2], label=method)
             axes[2].plot(h[:, 0], h[:, 3], label=method)
     titles = ["training loss (objective at lambda), nats per point", "VADD: KL(r || p), nats", "VADD: lambda"]
-    for ax, title in zip(axes, titles):
+    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
+    for ax, title, full in zip(axes, titles, drawn):
         ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
-    axes[0].legend(fontsize=7)
+        if not full:  # say why instead of drawing empty axes
+            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
+                    transform=ax.transAxes)
+    if drawn[0]:
+        axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

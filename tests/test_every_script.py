@@ -217,3 +217,114 @@ def test_inductor_compiles_and_trains_in_bf16(name, tmp_path):
     metrics = MODULES[name].main(tiny_args(name, tmp_path, "--method", "vadd", "--compile", "--dtype", "bfloat16",
                                            "--max-iters", "3"))
     assert metrics["by_steps"] and all(math.isfinite(r["bound"]) for r in metrics["by_steps"] if "bound" in r)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A user's mistakes and long waits: outputs never silently replaced, clear sentences, progress lines
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_run_in_the_out_dir_is_replaced_only_when_asked(name, tmp_path, capsys):
+    """A second run of the same method needs --resume or --overwrite; --overwrite removes the old run's files,
+    so no stale sample stays beside the new ones; the other method's files stay."""
+    module = MODULES[name]
+    module.main(tiny_args(name, tmp_path, "--method", "both", "--max-iters", "2", "--steps", "1,2"))
+    out = tmp_path / "out"
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="already holds a vadd run .* --resume .* or --overwrite"):
+        module.main(tiny_args(name, tmp_path, "--method", "vadd", "--max-iters", "2"))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    module.main(tiny_args(name, tmp_path, "--method", "vadd", "--max-iters", "2", "--steps", "1", "--overwrite"))
+    names = {p.name for p in out.iterdir()}
+    assert not any(n.startswith(("samples_vadd_T2", "samples_vadd_cs_T2")) for n in names)
+    assert any(n.startswith("samples_mdm_T2") for n in names) and "ckpt_mdm.pt" in names
+    with pytest.raises(SystemExit) as e:
+        module.main(tiny_args(name, tmp_path, "--resume", "--overwrite"))
+    assert e.value.code == 2 and "give one of them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_an_out_dir_that_cannot_be_written_stops_before_training(name, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="is not a folder this run can write to"):
+        MODULES[name].main(tiny_args(name, tmp_path, "--method", "mdm", "--out-dir", "/proc/vadd-test/out"))
+    assert "] iter" not in capsys.readouterr().out  # no training line
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_resume_without_a_checkpoint_and_max_iters_zero_say_so(name, tmp_path, capsys, monkeypatch):
+    texts = []
+    monkeypatch.setattr("matplotlib.axes.Axes.text", lambda self, x, y, s, *a, **k: texts.append(s))
+    MODULES[name].main(tiny_args(name, tmp_path, "--method", "mdm", "--max-iters", "0", "--resume"))
+    out = capsys.readouterr().out
+    assert "holds no ckpt_mdm.pt, so mdm starts from scratch" in out
+    assert "--max-iters 0: no training" in out
+    assert "no training" in texts  # training.png says so instead of drawing empty axes
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--ema", "nan"), ("--kl-start", "-inf")])
+def test_numbers_that_are_not_finite_are_refused(name, flag, value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        MODULES[name].main(tiny_args(name, tmp_path, f"{flag}={value}"))
+    assert e.value.code == 2 and f"argument {flag}: '{value}' is not a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_after_a_nan_the_checkpoint_kept_is_the_last_finite_one(name, tmp_path, monkeypatch):
+    module, calls = MODULES[name], []
+    real = module.delbo
+
+    def exploding(model, x0, kl_weight):
+        loss, kl = real(model, x0, kl_weight)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) >= 5:  # iteration 5 on
+                loss = loss * float("nan")
+        return loss, kl
+
+    monkeypatch.setattr(module, "delbo", exploding)
+    with pytest.raises(SystemExit, match="the loss .*became nan"):
+        module.main(tiny_args(name, tmp_path, "--method", "vadd", "--max-iters", "8", "--ckpt-interval", "2"))
+    ckpt = torch.load(tmp_path / "out" / "ckpt_vadd.pt", weights_only=True)
+    assert ckpt["iter"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_long_stages_print_what_they_do_and_the_run_has_an_eta(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(common, "HEARTBEAT_SECONDS", 0.0)  # every heartbeat prints
+    MODULES[name].main(tiny_args(name, tmp_path, "--method", "vadd", "--max-iters", "4", "--log-interval", "2"))
+    out = capsys.readouterr().out
+    assert "[vadd_cs] sampling" in out and ", run " in out
+    assert name == "toy" or "[vadd] likelihoods of" in out
+
+
+@pytest.mark.parametrize("name", ["text", "mnist", "cifar"])
+def test_without_cuda_the_default_preset_is_the_cpu_one_and_says_so(name, tmp_path, capsys, monkeypatch):
+    args = tiny_args(name, tmp_path)
+    for flag in ("--preset", "--device"):  # left to their defaults
+        if flag in args:
+            del args[args.index(flag):args.index(flag) + 2]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert MODULES[name].parse_config(args).preset == "cpu"
+    assert "no CUDA device: --preset cpu" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert MODULES[name].parse_config(args).preset == "gpu"
+    assert MODULES[name].parse_config(args + ["--device", "cpu"]).preset == "cpu"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_overview_titles_fit_with_one_step_count(name, tmp_path, monkeypatch):
+    import matplotlib.figure
+    widths = []
+    real = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        if fig._suptitle is not None:
+            fig.canvas.draw()
+            box = fig._suptitle.get_window_extent()
+            widths.append((box.x0, box.x1, fig.bbox.width))
+        return real(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    MODULES[name].main(tiny_args(name, tmp_path, "--method", "mdm", "--max-iters", "2", "--steps", "1"))
+    assert all(x0 >= 0 and x1 <= width for x0, x1, width in widths)

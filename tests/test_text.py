@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import types
+import urllib.error
 
 import numpy as np
 import pytest
@@ -469,6 +470,50 @@ def test_corrupt_shakespeare_download_is_refused(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="has 14 bytes, not 1115394"):
         vt.main(tiny_args(tmp_path, "shakespeare"))
     assert os.listdir(tmp_path / "cache") == [] and not (tmp_path / "out").exists()
+
+
+def test_offline_shakespeare_download_is_one_sentence(tmp_path, monkeypatch):
+    def offline(url, path):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(vt.urllib.request, "urlretrieve", offline)
+    with pytest.raises(SystemExit, match=r"cannot download tiny-shakespeare from https://\S+ \(.*name resolution\): "
+                                         r"check the network, or pass --data PATH"):
+        vt.main(tiny_args(tmp_path, "shakespeare"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_meta_json_is_checked_when_the_data_is_loaded(tmp_path):
+    """A broken meta.json, or a char folder whose alphabet cannot decode its ids, stops before training."""
+    data = write_prepared(tmp_path / "ids", 37)
+    (data / "meta.json").write_text('{"vocab_size": 37,')
+    with pytest.raises(SystemExit, match="meta.json is not valid JSON"):
+        vt.main(tiny_args(tmp_path, data))
+    (data / "meta.json").write_text(json.dumps({"vocab_size": 37, "tokenizer": "char", "alphabet": "abc"}))
+    with pytest.raises(SystemExit, match="a char tokenizer needs an alphabet of vocab_size = 37 characters"):
+        vt.main(tiny_args(tmp_path, data))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_scorer_is_skipped_when_it_cannot_be_loaded(tmp_path, monkeypatch, capsys):
+    """Left to its default (GPT-2 Large), the scorer is skipped with one line where it cannot be loaded, and
+    the run goes on; asked for by name, it must load, before any training."""
+    transformers = pytest.importorskip("transformers")
+
+    def unreachable(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    data = write_prepared(tmp_path / "ids", 37)
+    args = [a for a in tiny_args(tmp_path, data, "--method", "mdm") if a not in ("--eval-model", "none")]
+    metrics = vt.main(args)
+    out = capsys.readouterr().out
+    assert "downloading the scorer gpt2-large (about 3.2 GB)" in out
+    assert "note: generative perplexity is skipped: the scorer gpt2-large cannot be loaded" in out
+    assert metrics["by_steps"] and all("gen_ppl" not in r for r in metrics["by_steps"])
+    with pytest.raises(SystemExit, match="cannot load the scorer --eval-model my-scorer"):
+        vt.main(args + ["--eval-model", "my-scorer", "--overwrite"])
+    assert "] iter" not in capsys.readouterr().out
 
 
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):

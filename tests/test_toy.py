@@ -251,7 +251,7 @@ def test_one_method_after_the_other_keeps_both_in_metrics(tmp_path):
     assert sorted({r["sampler"] for r in saved["by_steps"]}) == ["mdm", "vadd", "vadd_cs"]
     assert "mdm_nelbo" in saved["likelihood"]["mdm"] and "delbo" in saved["likelihood"]["vadd"]
     before = [r for r in saved["by_steps"] if r["sampler"] == "mdm"]
-    toy.main(tiny_args(tmp_path, "--method", "vadd", "--bins", "12", "--steps", "1"))
+    toy.main(tiny_args(tmp_path, "--method", "vadd", "--bins", "12", "--steps", "1", "--overwrite"))
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [r for r in saved["by_steps"] if r["sampler"] == "mdm"] == before  # MDM's model did not change
     assert [(r["sampler"], r["steps"]) for r in saved["by_steps"] if r["sampler"] != "mdm"] == [("vadd", 1),
