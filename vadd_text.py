@@ -660,16 +660,22 @@ def load_scorer(cfg):
         try:
             tok, lm = load(local_files_only=True)
         except OSError:
+            hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+            try:  # one quick look first: offline, the hub client would retry for most of a minute
+                urllib.request.urlopen(urllib.request.Request(hub, method="HEAD"), timeout=5).close()
+            except OSError:
+                raise OSError(f"{hub} cannot be reached") from None
             size = " (about 3.2 GB)" if cfg.eval_model == "gpt2-large" else ""
             print(f"downloading the scorer {cfg.eval_model}{size} once into the Hugging Face cache")
             tok, lm = load()
     except (OSError, ValueError) as e:
+        why = (str(e).splitlines() or [e.__class__.__name__])[0]
         if cfg.default_scorer:
-            print(f"note: generative perplexity is skipped: the scorer {cfg.eval_model} cannot be loaded "
-                  f"({e.__class__.__name__}); --eval-model NAME_OR_FOLDER asks for one")
+            print(f"note: generative perplexity is skipped: the scorer {cfg.eval_model} cannot be loaded ({why}); "
+                  f"--eval-model NAME_OR_FOLDER asks for one")
             return None
-        raise SystemExit(f"cannot load the scorer --eval-model {cfg.eval_model} ({e.__class__.__name__}): give a "
-                         f"Hugging Face name or a local folder, or --eval-model none")
+        raise SystemExit(f"cannot load the scorer --eval-model {cfg.eval_model} ({why}): give a Hugging Face name "
+                         f"or a local folder, or --eval-model none")
     return tok, lm.to(cfg.device).eval()
 
 

@@ -504,13 +504,18 @@ def test_the_default_scorer_is_skipped_when_it_cannot_be_loaded(tmp_path, monkey
         raise OSError("offline")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    monkeypatch.setattr(vt.urllib.request, "urlopen", unreachable)  # no network: skipped at once
     data = write_prepared(tmp_path / "ids", 37)
     args = [a for a in tiny_args(tmp_path, data, "--method", "mdm") if a not in ("--eval-model", "none")]
     metrics = vt.main(args)
     out = capsys.readouterr().out
-    assert "downloading the scorer gpt2-large (about 3.2 GB)" in out
-    assert "note: generative perplexity is skipped: the scorer gpt2-large cannot be loaded" in out
+    assert "note: generative perplexity is skipped: the scorer gpt2-large cannot be loaded (https://" in out
+    assert "downloading" not in out
     assert metrics["by_steps"] and all("gen_ppl" not in r for r in metrics["by_steps"])
+    monkeypatch.setattr(vt.urllib.request, "urlopen", lambda *a, **k: types.SimpleNamespace(close=lambda: None))
+    vt.main(args + ["--overwrite"])  # the hub answers: the size is said before the download (which fails here)
+    out = capsys.readouterr().out
+    assert "downloading the scorer gpt2-large (about 3.2 GB)" in out and "skipped" in out
     with pytest.raises(SystemExit, match="cannot load the scorer --eval-model my-scorer"):
         vt.main(args + ["--eval-model", "my-scorer", "--overwrite"])
     assert "] iter" not in capsys.readouterr().out
