@@ -408,6 +408,15 @@ def mean_se(values, device="cpu"):
     return float(mean), float(var.clamp_min(0).sqrt() / s[2].sqrt())
 
 
+def sum_over_ranks(sums):
+    """A tensor of statistic sums added over every rank, as floats: a NaN then stops every rank alike (one rank
+    stopping alone would leave the others waiting)."""
+    sums = sums.clone()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums.tolist()
+
+
 def print0(*args):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
@@ -518,20 +527,23 @@ class Heartbeat:
 
 
 class RunClock:
-    """Time left in the whole run: the training iterations still to come (every method's) at the current
-    rate, plus their evaluation and sampling, at the ratio to training time measured on the methods done so
-    far (one half until the first is done). The estimate corrects itself as the run goes."""
+    """Time left in the whole run: the training iterations still to come (every method's) at the current rate,
+    and the evaluation and sampling of each method not done yet, as long as those measured so far (before the
+    first, half of one method's training). The estimate corrects itself as the run goes."""
 
-    def __init__(self, iterations):
-        self.iterations, self.train_seconds, self.other_seconds = iterations, 0.0, 0.0
+    def __init__(self, iterations, methods):
+        self.iterations, self.methods, self.evaluations = iterations, methods, []
+        self.per_method = iterations / max(1, methods)
 
     def eta(self, seconds_per_iteration):
-        ratio = self.other_seconds / self.train_seconds if self.train_seconds > 0 else 0.5
-        return self.iterations * seconds_per_iteration * (1 + ratio)
+        evaluation = 0.5 * self.per_method * seconds_per_iteration
+        if self.evaluations:
+            evaluation = sum(self.evaluations) / len(self.evaluations)
+        return self.iterations * seconds_per_iteration + self.methods * evaluation
 
-    def method_done(self, train_seconds, other_seconds):
-        self.train_seconds += train_seconds
-        self.other_seconds += other_seconds
+    def method_done(self, evaluation_seconds):
+        self.methods -= 1
+        self.evaluations.append(evaluation_seconds)
 
 
 class Progress:
@@ -539,8 +551,9 @@ class Progress:
     compiles) and the iterations of an earlier run that this one resumed."""
 
     def __init__(self, start, total, items_per_iter, unit, clock=None):
-        self.start, self.total, self.items, self.unit, self.t1 = start, total, items_per_iter, unit, None
-        self.clock = clock or RunClock(total - start)
+        self.start, self.total, self.items, self.unit = start, total, items_per_iter, unit
+        self.t0, self.t1 = time.time(), None
+        self.clock = clock or RunClock(total - start, 1)
 
     def tick(self, it):
         """After iteration `it` (counted from 1)."""
@@ -548,9 +561,22 @@ class Progress:
         if it == self.start + 1:
             self.t1 = time.time()
 
+    def due(self, it, interval):
+        """Whether iteration `it` logs: every `interval`, the last, and the second of this run (the first line
+        within seconds, with a rate that leaves the compiling first iteration out)."""
+        return it % interval == 0 or it == self.total or it == self.start + 2
+
     def rate(self, it):
         """Items per second after iteration `it` (NaN until two iterations have run)."""
         return self.items * (it - self.start - 1) / (time.time() - self.t1) if it > self.start + 1 else math.nan
+
+    def summary(self, device):
+        """This run's training: iterations, seconds, items per second, and the peak GPU memory."""
+        out = {"iters": self.total - self.start, "seconds": time.time() - self.t0,
+               self.unit.replace("/s", "_per_s"): self.rate(self.total)}
+        if device.type == "cuda":
+            out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        return out
 
     def line(self, it, **figures):
         speed = self.rate(it)

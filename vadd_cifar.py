@@ -626,7 +626,7 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
     counts = {name: sum(p.numel() for p in part.parameters()) / 1e6 for name, part in model.named_children()}
     common.print0(f"[{method}] parameters: " + ", ".join(f"{k} {v:.2f}M" for k, v in counts.items()) + f"; "
                   f"{cfg.max_iters} iterations of {cfg.batch_size} images ({world} x {cfg.grad_accum} x {micro})")
-    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock), time.time()
+    progress = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock)
     curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
@@ -653,15 +653,15 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
         point = (it + 1) % max(1, cfg.log_interval // 5) == 0 or last
         save = (it + 1) % cfg.ckpt_interval == 0 or last
         if point or save:  # every loss is checked before a checkpoint holds its update
-            loss_sum, kl_sum, n = over_ranks(curve, world)
+            loss_sum, kl_sum, n = common.sum_over_ranks(curve)
             if not math.isfinite(loss_sum):
                 raise SystemExit(f"[{method}] the loss became {bpd(loss_sum / n)} bpd by iteration {it + 1}: "
                                  f"lower --lr (now {cfg.lr}); checkpoints already written are kept")
             if point:
                 history["train"].append((it + 1, bpd(loss_sum / n), kl_sum / n, lam))
                 curve.zero_()
-        if (it + 1) % cfg.log_interval == 0 or last:
-            loss_sum, kl_sum, n = over_ranks(log, world)
+        if progress.due(it + 1, cfg.log_interval):
+            loss_sum, kl_sum, n = common.sum_over_ranks(log)
             log.zero_()
             common.print0(f"[{method}] " + progress.line(it + 1, bpd=bpd(loss_sum / n), kl=kl_sum / n,
                                                          **{"lambda": lam}))
@@ -678,20 +678,8 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
                                           device)
             if rank == 0:
                 common.save_atomic(state, path)
-    summary = {"iters": cfg.max_iters - start, "seconds": time.time() - t0,
-               "images_per_s": progress.rate(cfg.max_iters)}
-    if device.type == "cuda":
-        summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     ema.copy_to(model)
-    return model.eval(), history, summary
-
-
-def over_ranks(sums, world):
-    """A copy of this rank's statistic sums, added over every rank, as floats."""
-    sums = sums.clone()
-    if world > 1:
-        dist.all_reduce(sums)
-    return sums.tolist()
+    return model.eval(), history, progress.summary(device)
 
 
 def weight_settings(cfg, method):
@@ -730,7 +718,7 @@ def main(argv=None):
                    "training": {}, "by_steps": []}
         histories = {}
         clock = common.RunClock(sum(cfg.max_iters - (c["iter"] if c else 0) for m, c in checkpoints.items()
-                                    if m in trained))
+                                    if m in trained), len(trained))
         for method in methods:
             if method in trained:
                 model, histories[method], summary = train(cfg, method, data, checkpoints[method], rank, world,
@@ -753,7 +741,7 @@ def main(argv=None):
                 for T in cfg.steps:
                     metrics["by_steps"].append(sample_row(cfg, model, sampler, T, figures, fid, rank, world))
             if method in trained:
-                clock.method_done(metrics["training"][method]["seconds"], time.time() - evaluation_start)
+                clock.method_done(time.time() - evaluation_start)
         if rank > 0:
             return None
         metrics["seconds"] = time.time() - run_start

@@ -26,7 +26,6 @@ import urllib.request
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -601,7 +600,7 @@ def train(cfg, method, data, ckpt, rank, world, clock=None):
                       for k, part in model.named_children())
     common.print0(f"[{method}] parameters: {sizes}; {cfg.max_iters} iterations of {cfg.batch_size} images on "
                   f"{world} process(es) x {cfg.grad_accum} micro-batch(es)")
-    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock), time.time()
+    progress = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock)
     curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
@@ -627,14 +626,14 @@ def train(cfg, method, data, ckpt, rank, world, clock=None):
         last = it == cfg.max_iters - 1
         point, save = (it + 1) % HISTORY_EVERY == 0 or last, (it + 1) % cfg.ckpt_interval == 0 or last
         if point or save:  # every loss is checked before a checkpoint holds its update
-            loss_sum, kl_sum, n = over_ranks(curve, world)
+            loss_sum, kl_sum, n = common.sum_over_ranks(curve)
             if not math.isfinite(loss_sum):
                 raise SystemExit(f"[{method}] the loss became {loss_sum / n} by iteration {it + 1}: lower --lr "
                                  f"(now {cfg.lr}); checkpoints already written are kept")
             if point:
                 history["train"].append((it + 1, bpd(loss_sum / n), kl_sum / n, lam))
                 curve.zero_()
-        if (it + 1) % cfg.log_interval == 0 or last:
+        if progress.due(it + 1, cfg.log_interval):
             loss_sum, kl_sum, n = log.tolist()
             log.zero_()
             common.print0(f"[{method}] " + progress.line(it + 1, bpd=bpd(loss_sum / n), kl=kl_sum / n,
@@ -649,20 +648,8 @@ def train(cfg, method, data, ckpt, rank, world, clock=None):
                                           device)
             if rank == 0:
                 common.save_atomic(state, path)
-    summary = {"iters": cfg.max_iters - start, "seconds": time.time() - t0,
-               "images_per_s": progress.rate(cfg.max_iters)}
-    if device.type == "cuda":
-        summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     ema.copy_to(model)
-    return model.eval(), history, summary
-
-
-def over_ranks(sums, world):
-    """Sums of every rank: the NaN check must stop all ranks alike, or the others would wait for the one."""
-    sums = sums.clone()
-    if world > 1:
-        dist.all_reduce(sums)
-    return sums.tolist()
+    return model.eval(), history, progress.summary(device)
 
 
 def weight_settings(cfg, method):
@@ -695,7 +682,7 @@ def main(argv=None):
                       f"of 32 x 32")
         run_start, histories = time.time(), {}
         clock = common.RunClock(sum(cfg.max_iters - (c["iter"] if c else 0) for m, c in checkpoints.items()
-                                    if m in trained))
+                                    if m in trained), len(trained))
         metrics = {"unit": "bits per dimension (nats per image / (1024 ln 2))", "config": {}, "likelihood": {},
                    "training": {}, "by_steps": []}
         for method in methods:
@@ -732,7 +719,7 @@ def main(argv=None):
                     save_grid(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), images,
                               f"{SAMPLERS[sampler][0]}, T = {T}")
             if method in trained:
-                clock.method_done(metrics["training"][method]["seconds"], time.time() - evaluation_start)
+                clock.method_done(time.time() - evaluation_start)
         if rank:
             return None
         metrics["test_nn_hamming"] = nearest_hamming(spread(test_x, min(cfg.num_samples, len(test_x))), train_x)

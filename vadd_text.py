@@ -749,8 +749,7 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
     flops = flops_per_token(model, cfg.block_size)
     common.print0(f"[{method}] {params / 1e6:.2f}M parameters, {cfg.max_iters} iterations of {cfg.batch_size} x "
                   f"{cfg.block_size} tokens on {world} process(es)")
-    progress = common.Progress(start, cfg.max_iters, cfg.batch_size * cfg.block_size, "tok/s", clock)
-    t0 = time.time()
+    progress = common.Progress(start, cfg.max_iters, cfg.batch_size * cfg.block_size, "tokens/s", clock)
     curve, log = torch.zeros(4, device=device), torch.zeros(4, device=device)  # sums of (loss, KL, grad norm, n)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
@@ -779,14 +778,14 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
         last = it == cfg.max_iters - 1
         point, save = (it + 1) % HISTORY_EVERY == 0 or last, (it + 1) % cfg.ckpt_interval == 0 or last
         if point or save:  # every loss and gradient norm is checked before any checkpoint holds its update
-            loss_sum, kl_sum, norm_sum, n = curve.tolist()
+            loss_sum, kl_sum, norm_sum, n = common.sum_over_ranks(curve)
             if not math.isfinite(loss_sum + norm_sum):
                 raise SystemExit(f"[{method}] the loss or its gradient became {loss_sum + norm_sum} by iteration "
                                  f"{it + 1}: lower --lr (now {cfg.lr}); checkpoints already written are kept")
             if point:
                 history.append((it + 1, loss_sum / n, kl_sum / n, lam))
                 curve.zero_()
-        if (it + 1) % cfg.log_interval == 0 or last:
+        if progress.due(it + 1, cfg.log_interval):
             loss_sum, kl_sum, _, n = log.tolist()
             log.zero_()
             line = progress.line(it + 1, loss=loss_sum / n, kl=kl_sum / n, **{"lambda": lam})
@@ -804,13 +803,10 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
                                           device)
             if rank == 0:
                 common.save_atomic(state, path)
-    summary = {"iters": cfg.max_iters - start, "seconds": time.time() - t0,
-               "tokens_per_s": progress.rate(cfg.max_iters), "params": params,
-               "final_kl": history[-1][2] if history else None, "flops_per_token": flops}
+    summary = {**progress.summary(device), "params": params, "flops_per_token": flops,
+               "final_kl": history[-1][2] if history else None}
     if peak and summary["tokens_per_s"] > 0:
         summary["mfu"] = flops * summary["tokens_per_s"] / peak
-    if device.type == "cuda":
-        summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     ema.copy_to(model)
     return model.eval(), history, summary
 
@@ -854,8 +850,8 @@ def main(argv=None):
         metrics = {"unit": "nats per token", "data": data, "config": {}, "likelihood": {}, "training": {},
                    "by_steps": [], "bounds": {"mdm_nelbo": True, "delbo": False, "iw_delbo": False}}
         histories = {}
-        clock = common.RunClock(0 if no_training else sum(cfg.max_iters - (c["iter"] if c else 0)
-                                                          for c in checkpoints.values()))
+        iterations = sum(cfg.max_iters - (c["iter"] if c else 0) for c in checkpoints.values())
+        clock = common.RunClock(0 if no_training else iterations, 0 if no_training else len(methods))
         for method in methods:
             if no_training:
                 model = Model(cfg, method, cfg.vocab_size).to(cfg.device)
@@ -880,7 +876,7 @@ def main(argv=None):
                 common.seed_everything(cfg.seed + 2)  # every method's samples from the same noise seed
                 metrics["by_steps"] += sample_rows(model, method, figures, decode, scorer, cfg)
             if not no_training:
-                clock.method_done(metrics["training"][method]["seconds"], time.time() - evaluation_start)
+                clock.method_done(time.time() - evaluation_start)
         if rank != 0:
             return None
         metrics["seconds"] = time.time() - run_start

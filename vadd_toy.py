@@ -364,7 +364,7 @@ def train(cfg, method, ckpt=None, clock=None):
     step = torch.compile(model) if cfg.compile else model
     print(f"[{method}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.max_iters} "
           f"iterations of batch {cfg.batch_size}")
-    progress, t0 = common.Progress(start, cfg.max_iters, cfg.batch_size, "points/s", clock), time.time()
+    progress = common.Progress(start, cfg.max_iters, cfg.batch_size, "points/s", clock)
     curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
@@ -386,14 +386,14 @@ def train(cfg, method, ckpt=None, clock=None):
         last = it == cfg.max_iters - 1
         point, save = (it + 1) % HISTORY_EVERY == 0 or last, (it + 1) % cfg.ckpt_interval == 0 or last
         if point or save:  # every loss is checked before a checkpoint holds its update
-            loss_sum, kl_sum, n = curve.tolist()
+            loss_sum, kl_sum, n = common.sum_over_ranks(curve)
             if not math.isfinite(loss_sum):
                 raise SystemExit(f"[{method}] the loss became {loss_sum / n} by iteration {it + 1}: lower --lr "
                                  f"(now {cfg.lr}); checkpoints already written are kept")
             if point:
                 history.append((it + 1, loss_sum / n, kl_sum / n, lam))
                 curve.zero_()
-        if (it + 1) % cfg.log_interval == 0 or last:
+        if progress.due(it + 1, cfg.log_interval):
             loss_sum, kl_sum, n = log.tolist()
             log.zero_()
             print(f"[{method}] " + progress.line(it + 1, loss=loss_sum / n, kl=kl_sum / n, **{"lambda": lam}))
@@ -401,10 +401,8 @@ def train(cfg, method, ckpt=None, clock=None):
             state = common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method), history, rng,
                                           device)
             common.save_atomic(state, path)
-    summary = {"iters": cfg.max_iters - start, "seconds": time.time() - t0,
-               "points_per_s": progress.rate(cfg.max_iters)}
     ema.copy_to(model)
-    return model.eval(), history, summary
+    return model.eval(), history, progress.summary(device)
 
 
 def weight_settings(cfg, method):
@@ -424,7 +422,8 @@ def main(argv=None):
     method_of = {s: v[1] for s, v in SAMPLERS.items()}
     common.prepare_out_dir(cfg, methods, method_of)
     run_start = time.time()
-    clock = common.RunClock(sum(cfg.max_iters - (c["iter"] if c else 0) for c in checkpoints.values()))
+    iterations = sum(cfg.max_iters - (c["iter"] if c else 0) for c in checkpoints.values())
+    clock = common.RunClock(iterations, len(methods))
     reference = reference_distribution(cfg)
     data_tokens = draw_tokens(cfg.dataset, cfg.num_samples, cfg.bins, np.random.default_rng(cfg.seed + 1))
     np.save(os.path.join(cfg.out_dir, "data.npy"), data_tokens)
@@ -452,7 +451,7 @@ def main(argv=None):
                 metrics["by_steps"].append({"sampler": sampler, "steps": T, "bound": bound, "bound_se": bound_se,
                                             "sample_seconds": time.time() - t0, "nfe": nfe,
                                             **sample_metrics(tokens, reference)})
-        clock.method_done(metrics["training"][method]["seconds"], time.time() - evaluation_start)
+        clock.method_done(time.time() - evaluation_start)
     metrics["seconds"] = time.time() - run_start
     metrics = common.save_metrics(cfg.out_dir, metrics, methods, method_of)
     plot_samples(os.path.join(cfg.out_dir, "samples.png"), cfg, data_tokens, metrics)

@@ -1,8 +1,10 @@
-"""The mathematics of common.py (REFERENCE.md section 6): schedules, forward masking, time sampling, KL
+"""The mathematics of common.py (docs/method.md): schedules, forward masking, time sampling, KL
 annealing, the reverse step, and the estimators' normalisation."""
 import itertools
 import math
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,7 +74,7 @@ def test_kl_annealing():
 
 @pytest.mark.parametrize("name", schedule_names())
 def test_weighted_masking_integrates_to_one_per_position(name):
-    """E_t[w(t) 1{masked}] = 1 per position (REFERENCE.md section 6). With t on [eps, 1] the exact value is
+    """E_t[w(t) 1{masked}] = 1 per position. With t on [eps, 1] the exact value is
     (alpha(eps) - alpha(1)) / (1 - eps), within 2e-3 of 1 for eps = 1e-3."""
     torch.manual_seed(2)
     s, eps, B, L = common.Schedule(name), 1e-3, 1 << 15, 256
@@ -286,3 +288,18 @@ def test_cuda_device_turns_on_tf32_for_float32_matmuls(monkeypatch):
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_checkpoints_save_and_restore_the_cuda_generator(monkeypatch):
+    """--resume continues exactly on CUDA only if the CUDA generator travels with the checkpoint: faked here
+    (a device whose type is 'cuda' and a stand-in generator state), since the tests run on a CPU."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([7, 7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(state.tolist()))
+    model = torch.nn.Linear(2, 2)
+    opt, ema, rng = torch.optim.AdamW(model.parameters()), common.EMA(model, 0.9), np.random.default_rng(0)
+    fake_cuda = types.SimpleNamespace(type="cuda")
+    state = common.training_state(model, opt, ema, 3, {}, [], rng, fake_cuda)
+    assert state["torch_rng"][0][1].tolist() == [7, 7]
+    common.resume(state, model, opt, ema, rng, fake_cuda, 0, 1, seed=0)
+    assert restored == [[7, 7]]

@@ -107,7 +107,7 @@ def test_gpt2_text_file_both_methods(tmp_path, capsys):
     text = (tmp_path / "out" / "samples_mdm_T2.txt").read_text(encoding="utf-8")
     assert text.count("=" * 40) == 3
     out = capsys.readouterr().out
-    assert "VADD DELBO (not a bound)" in out and "MDM NELBO (bound" in out and "tok/s" in out and "eta" in out
+    assert "VADD DELBO (not a bound)" in out and "MDM NELBO (bound" in out and "tokens/s" in out and "eta" in out
     for method, name in (("mdm", "NELBO"), ("vadd", "DELBO")):  # validation at --eval-interval 3 and at the end
         assert [f"[{method}] iter {it:7d} | validation {name}" in out for it in (3, 6)] == [True, True]
     assert "nats/token (EMA weights, lambda 1)" in out
