@@ -84,7 +84,8 @@ def script_argv(name, data, smoke):
         tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2", "--patch", "4",
                 "--attn-res", "4"]
         return [*(tiny if smoke else []), "--data", data["mnist"],
-                "--steps", "1,10", "--num-samples", "16" if smoke else "256", "--num-eval", "32" if smoke else "500",
+                "--steps", "1,10", "--num-samples", "16" if smoke else "256",
+                "--num-eval", "32" if smoke else "500",
                 "--val-images", "100", "--iw-samples", "4", "--eval-interval", "1000"]
     tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2", "--embed-dim", "4"]
     return [*(tiny if smoke else []), "--data", data["cifar"],
@@ -154,7 +155,8 @@ def stage_runs(name, method, argv, out_dir, smoke, cuda, counter):
     """10 iterations (one step count, few samples), then --resume to 30 with the full evaluation: checkpoint,
     resume, compiled graphs, sampling times."""
     module = MODULES[name]
-    common_argv = argv + ["--method", method, "--out-dir", out_dir, "--log-interval", "10", "--ckpt-interval", "10"]
+    common_argv = argv + ["--method", method, "--out-dir", out_dir, "--log-interval", "10",
+                          "--ckpt-interval", "10"]
     if name == "toy":
         common_argv += ["--cache-dir", os.path.join(out_dir, "cache")]
     if not cuda:
@@ -233,7 +235,8 @@ def stage_step(name, method, argv, device, counter):
         one()
     sync()
     seconds = (time.time() - t0) / n
-    out.update(step_seconds=seconds, throughput=items / seconds, unit=UNITS[name], graphs=counter.graphs - graphs_before,
+    out.update(step_seconds=seconds, throughput=items / seconds, unit=UNITS[name],
+               graphs=counter.graphs - graphs_before,
                params_million=sum(p.numel() for p in model.parameters()) / 1e6)
     if device.type == "cuda":
         out["step_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -249,16 +252,19 @@ def write_report(path, report):
         json.dump(report, f, indent=1)
     lines = [f"Device: {report['device']}, torch {report['torch']}. Command: `{report['command']}`.", "",
              "| script | method | compiled step | MFU | peak GB (step / run) | graphs (run/resumed/step) | resume "
-             "| loss f32 vs bf16 | sampling s (T: seconds) | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| loss f32 vs bf16 | sampling s (T: seconds) | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         s, runs = r.get("step", {}), r.get("runs", {})
         speed = f"{s['throughput']:,.0f} {s['unit']}" if "throughput" in s else "-"
         mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "-"
-        mem = f"{s.get('step_peak_memory_gb', float('nan')):.1f} / {runs.get('run_peak_memory_gb', float('nan')):.1f}"
+        mem = (f"{s.get('step_peak_memory_gb', float('nan')):.1f} / "
+               f"{runs.get('run_peak_memory_gb', float('nan')):.1f}")
         graphs = "/".join(str(x.get(k, "-")) for x, k in [(runs, "graphs_first_run"), (runs, "graphs_resumed_run"),
                                                           (s, "graphs")])
         agree = f"{s['loss_relative_difference']:.1e}" if "loss_relative_difference" in s else "-"
-        sampling = ", ".join(f"{x['sampler']} {x['steps']}: {x['sample_seconds']:.2f}" for x in runs.get("sampling", []))
+        sampling = ", ".join(f"{x['sampler']} {x['steps']}: {x['sample_seconds']:.2f}"
+                             for x in runs.get("sampling", []))
         errors = "; ".join(f"{k}: {v.strip().splitlines()[-1]}" for k, v in r.get("errors", {}).items()) or "none"
         lines.append(f"| {r['script']} | {r['method']} | {speed} | {mfu} | {mem} | {graphs} | "
                      f"{runs.get('resumed', '-')} | {agree} | {sampling} | {errors} |")
@@ -271,14 +277,16 @@ def write_report(path, report):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join("out", "gpu_check"), help="report folder")
+    p.add_argument("--out", default=os.environ.get("OUT") or os.path.join("out", "gpu_check"),
+                   help="report folder")
     p.add_argument("--smoke", action="store_true", help="tiny configs on the CPU, to check this script")
     p.add_argument("--only", default="a,b", help="groups (a: toy, text; b: mnist, cifar) or script names")
     args = p.parse_args(argv)
     names = [n for part in args.only.split(",") for n in GROUPS.get(part, [part])]
     unknown = [n for n in names if n not in MODULES]
     if unknown:
-        p.error(f"--only {args.only}: unknown {', '.join(unknown)}; give a, b or script names (toy, text, mnist, cifar)")
+        p.error(f"--only {args.only}: unknown {', '.join(unknown)}; "
+                "give a, b or script names (toy, text, mnist, cifar)")
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         p.error("no CUDA device here: run with --smoke to check this script on the CPU")

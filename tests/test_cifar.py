@@ -44,7 +44,8 @@ def tiny_args(tmp_path, *extra):
     if not data.exists():
         write_cifar(data)
     return ["--preset", "cpu", "--channels", "8", "--channel-mult", "1,2", "--attn-res", "16", "--embed-dim", "4",
-            "--latent-dim", "4", "--max-iters", "4", "--batch-size", "8", "--num-samples", "6", "--sample-batch", "4",
+            "--latent-dim", "4", "--max-iters", "4", "--batch-size", "8", "--num-samples", "6",
+            "--sample-batch", "4",
             "--steps", "1,3", "--num-eval", "10", "--eval-batch", "5", "--iw-samples", "2", "--val-images", "8",
             "--log-interval", "2", "--eval-interval", "2", "--ckpt-interval", "2", "--data", str(data),
             "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *extra]
@@ -187,7 +188,8 @@ def test_samplers_reveal_everything_and_the_consistency_sampler_keeps_z(tmp_path
         seen.clear()
         images, nfe = vc.sample(model, 5, 4, sampler, sample_config(tmp_path, 5))
         assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8
-        assert not (finals[-1] == vc.MASK).any() and torch.equal(finals[-1].to(torch.uint8), torch.from_numpy(images))
+        assert not (finals[-1] == vc.MASK).any()
+        assert torch.equal(finals[-1].to(torch.uint8), torch.from_numpy(images))
         assert len(seen) == 4 and nfe == sum(len(z) for z in seen) / 5
         for i, z in enumerate(seen[1:], 1):
             earlier = (z[:, None, :] == torch.cat(seen[:i])[None]).all(-1).any(1)
@@ -250,7 +252,10 @@ def test_eval_only_and_sample_only_from_the_checkpoints(trained_run, tmp_path):
     src, metrics = trained_run
     out = tmp_path / "out"
     shutil.copytree(src / "out", out)
-    args = lambda *extra: tiny_args(tmp_path, "--data", str(src / "data"), "--grad-accum", "2", *extra)  # noqa: E731
+
+    def args(*extra):
+        return tiny_args(tmp_path, "--data", str(src / "data"), "--grad-accum", "2", *extra)
+
     before = torch.load(out / "ckpt_mdm.pt", weights_only=True)
     again = vc.main(args("--eval-only", "--method", "mdm", "--steps", "2"))
     assert torch.load(out / "ckpt_mdm.pt", weights_only=True)["iter"] == before["iter"]  # no training
@@ -349,7 +354,8 @@ def test_fid_path_with_stand_in_features(tmp_path, monkeypatch):
     fid_module = pytest.importorskip("torchmetrics.image.fid")
     real_class = fid_module.FrechetInceptionDistance
     monkeypatch.setattr(fid_module, "FrechetInceptionDistance",
-                        lambda feature, feature_extractor_weights_path, **kw: real_class(feature=StandInFeatures(), **kw))
+                        lambda feature, feature_extractor_weights_path, **kw:
+                            real_class(feature=StandInFeatures(), **kw))
     metric = vc.fid_metric(vc.parse_config(tiny_args(tmp_path)))
     images = vc.load_cifar(vc.parse_config(tiny_args(tmp_path)))[0]
     vc.fid_update(metric, images, real=True, batch=7)

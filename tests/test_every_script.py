@@ -28,7 +28,8 @@ def tiny_args(name, tmp_path, *extra):
     if name == "toy":
         return test_toy.tiny_args(tmp_path, *extra)
     if name == "text":
-        return test_text.tiny_args(tmp_path, test_text.write_text(tmp_path / "poem.txt"), "--tokenizer", "char", *extra)
+        return test_text.tiny_args(tmp_path, test_text.write_text(tmp_path / "poem.txt"), "--tokenizer", "char",
+                                   *extra)
     return (test_mnist if name == "mnist" else test_cifar).tiny_args(tmp_path, *extra)
 
 
@@ -261,7 +262,8 @@ def test_resume_without_a_checkpoint_and_max_iters_zero_say_so(name, tmp_path, c
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--ema", "nan"), ("--kl-start", "-inf")])
+@pytest.mark.parametrize("flag, value", [("--lr", "nan"), ("--lr", "inf"), ("--ema", "nan"),
+                                         ("--kl-start", "-inf")])
 def test_numbers_that_are_not_finite_are_refused(name, flag, value, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         MODULES[name].main(tiny_args(name, tmp_path, f"{flag}={value}"))

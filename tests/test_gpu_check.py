@@ -12,7 +12,8 @@ import pytest
 @pytest.mark.slow  # about 40 s: both methods of all four scripts, twice each, on tiny configs
 def test_gpu_check_smoke_runs_every_stage_of_every_script(tmp_path):
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_check.py")
-    done = subprocess.run([sys.executable, script, "--smoke", "--out", str(tmp_path)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, script, "--smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [(r["script"], r["method"]) for r in report["results"]] == [

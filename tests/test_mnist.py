@@ -50,7 +50,8 @@ def tiny_args(tmp_path, *extra):
     if not data.exists():
         write_mnist(data)
     return ["--data", str(data), "--channels", "8", "--channel-mult", "1,2", "--patch", "4", "--attn-res", "4",
-            "--num-res-blocks", "1", "--latent-dim", "4", "--dropout", "0", "--max-iters", "6", "--batch-size", "8",
+            "--num-res-blocks", "1", "--latent-dim", "4", "--dropout", "0", "--max-iters", "6",
+            "--batch-size", "8",
             "--warmup-iters", "2", "--ema", "0.5", "--val-images", "16", "--num-eval", "16", "--eval-batch", "16",
             "--num-samples", "6", "--sample-batch", "6", "--steps", "1,3", "--iw-samples", "2",
             "--log-interval", "3", "--eval-interval", "3", "--ckpt-interval", "3", "--device", "cpu",
@@ -225,7 +226,8 @@ def test_samplers_end_binary_and_count_evaluations_honestly(tmp_path):
         for model in models.values():
             randomise(model.denoiser)
             forward = model.denoiser.forward
-            model.denoiser.forward = lambda xt, t=None, z=None, f=forward: (calls.append((len(xt), z)), f(xt, t, z))[1]
+            model.denoiser.forward = (lambda xt, t=None, z=None, f=forward:
+                                      (calls.append((len(xt), z)), f(xt, t, z))[1])
         for sampler, T, n in [("vadd_cs", 4, 6), ("vadd", 4, 6), ("mdm", 4, 6), ("vadd_cs", 1100, 2)]:
             calls.clear()
             images, nfe = mnist.sample(models["mdm" if sampler == "mdm" else "vadd"], n, T, sampler, cfg)
@@ -319,9 +321,11 @@ def test_eval_only_and_sample_only_use_the_checkpoint(tmp_path):
     before = ckpt.read_bytes()
     metrics = mnist.main(tiny_args(tmp_path, "--method", "mdm", "--eval-only", "--steps", "1,2"))
     assert ckpt.read_bytes() == before  # nothing trained
-    assert {r["steps"] for r in metrics["by_steps"]} == {1, 2, 3} and all("bound" in r for r in metrics["by_steps"])
+    assert {r["steps"] for r in metrics["by_steps"]} == {1, 2, 3}
+    assert all("bound" in r for r in metrics["by_steps"])
     old = {r["steps"]: r["bound"] for r in metrics["by_steps"]}
-    metrics = mnist.main(tiny_args(tmp_path, "--method", "mdm", "--sample-only", "--steps", "2", "--num-samples", "3"))
+    metrics = mnist.main(tiny_args(tmp_path, "--method", "mdm", "--sample-only", "--steps", "2",
+                                   "--num-samples", "3"))
     assert np.load(tmp_path / "out" / "samples_mdm_T2.npy").shape == (3, 32, 32)
     assert {r["steps"]: r["bound"] for r in metrics["by_steps"]} == old  # bounds measured before are kept
 
@@ -400,7 +404,8 @@ def test_ddp_on_two_cpu_processes(tmp_path):
                      "--grad-accum", "2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "vadd_mnist.py"), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "on 2 process(es)" in done.stdout and done.stdout.count("validation DELBO") == 1
     ckpt = torch.load(tmp_path / "out" / "ckpt_vadd.pt", weights_only=True)
@@ -427,7 +432,8 @@ def test_steps_objective_end_to_end_and_its_recognition_sees_everything_masked(t
 
 def test_steps_objective_with_one_step_is_the_t1_bound(tmp_path):
     torch.manual_seed(0)
-    model = mnist.Model(mnist.parse_config(tiny_args(tmp_path, "--objective", "steps", "--train-steps", "1")), "mdm")
+    model = mnist.Model(mnist.parse_config(tiny_args(tmp_path, "--objective", "steps", "--train-steps", "1")),
+                        "mdm")
     for p in model.parameters():  # a denoiser that is not uniform
         torch.nn.init.normal_(p, std=0.2)
     x0 = torch.randint(0, 2, (4, 32, 32))

@@ -49,7 +49,8 @@ def write_text(path, n_words=3000, seed=0):
 def tiny_args(tmp_path, data, *extra):
     return ["--data", str(data), "--preset", "cpu", "--layers", "1", "--width", "32", "--heads", "2",
             "--cond-dim", "16", "--latent-dim", "4", "--block-size", "16", "--max-iters", "6", "--batch-size", "8",
-            "--warmup-iters", "2", "--num-eval", "8", "--eval-batch", "8", "--num-samples", "4", "--sample-batch", "4",
+            "--warmup-iters", "2", "--num-eval", "8", "--eval-batch", "8", "--num-samples", "4",
+            "--sample-batch", "4",
             "--iw-samples", "2", "--steps", "1,2", "--eval-model", "none", "--log-interval", "2",
             "--eval-interval", "3", "--ckpt-interval", "3", "--out-dir", str(tmp_path / "out"),
             "--cache-dir", str(tmp_path / "cache"), *extra]
@@ -71,7 +72,8 @@ def check_outputs(out, metrics, vocab_size, samplers, steps=(1, 2), num=4, block
     methods = {s[:4] for s in samplers}
     assert saved["unit"] == "nats per token" and set(saved["config"]) == methods
     assert all(saved["config"][m]["vocab_size"] == vocab_size for m in methods)
-    assert sorted((r["sampler"], r["steps"]) for r in saved["by_steps"]) == sorted((s, T) for s in samplers for T in steps)
+    assert (sorted((r["sampler"], r["steps"]) for r in saved["by_steps"])
+            == sorted((s, T) for s in samplers for T in steps))
     for row in saved["by_steps"]:
         assert row["bound"] > 0 and row["nfe"] >= 1 and row["sample_seconds"] >= 0
         assert row["bound_ppl"] == pytest.approx(math.exp(row["bound"]))
@@ -115,7 +117,8 @@ def test_gpt2_text_file_both_methods(tmp_path, capsys):
 
 def test_char_tokens_are_cached_and_decode_back(tmp_path, capsys):
     data = write_text(tmp_path / "poem.txt")
-    args = tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "vadd", "--sampler", "both", "--max-iters", "3")
+    args = tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "vadd", "--sampler", "both",
+                     "--max-iters", "3")
     check_outputs(tmp_path / "out", vt.main(args), len(set(data.read_text())), ["vadd", "vadd_cs"])
     (cache,) = [p for p in (tmp_path / "cache").iterdir()]
     meta = json.loads((cache / "meta.json").read_text())
@@ -184,20 +187,26 @@ def test_lm1b_preparation_follows_mdlm_wrap(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     transformers = pytest.importorskip("transformers")
     vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ";", "?", "."] + sorted(set(WORDS))))
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ";", "?", "."]
+                               + sorted(set(WORDS))))
     tok = transformers.BertTokenizer(vocab_file=str(vocab))
     rng = np.random.default_rng(2)
-    sentences = lambda n: [" ".join(rng.choice(WORDS, size=rng.integers(5, 12))) + " ." for _ in range(n)]  # noqa: E731
+
+    def sentences(n):
+        return [" ".join(rng.choice(WORDS, size=rng.integers(5, 12))) + " ." for _ in range(n)]
+
     train, test = sentences(200), sentences(40)
     monkeypatch.setattr(vt, "hf_tokenizer", lambda name: tok)
     monkeypatch.setattr(vt, "load_hf_dataset", lambda name: datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"text": train}), "test": datasets.Dataset.from_dict({"text": test})}))
+        {"train": datasets.Dataset.from_dict({"text": train}),
+         "test": datasets.Dataset.from_dict({"text": test})}))
     metrics = vt.main(tiny_args(tmp_path, "lm1b", "--method", "mdm", "--max-iters", "2"))
     folder = tmp_path / "cache" / "lm1b"
     wrapped = lambda s: [t for x in s for t in tok(x)["input_ids"]]  # noqa: E731 ([CLS] ... [SEP] each)
     assert np.fromfile(folder / "train.bin", np.uint16).tolist() == wrapped(train)
     assert np.fromfile(folder / "val.bin", np.uint16).tolist() == wrapped(test)
-    assert metrics["config"]["mdm"]["block_size"] == 16 and metrics["config"]["mdm"]["vocab_size"] == tok.vocab_size
+    assert metrics["config"]["mdm"]["block_size"] == 16
+    assert metrics["config"]["mdm"]["vocab_size"] == tok.vocab_size
     assert vt.parse_config(["--data", "lm1b", "--cache-dir", str(tmp_path / "cache")]).block_size == 128
 
 
@@ -206,7 +215,10 @@ def test_lm1b_preparation_follows_mdlm_wrap(tmp_path, monkeypatch):
 
 def test_resume_matches_a_run_straight_through(tmp_path, monkeypatch):
     data = write_text(tmp_path / "poem.txt")
-    args = lambda d: tiny_args(d, data, "--tokenizer", "char", "--method", "vadd", "--grad-accum", "2")  # noqa: E731
+
+    def args(d):
+        return tiny_args(d, data, "--tokenizer", "char", "--method", "vadd", "--grad-accum", "2")
+
     vt.main(args(tmp_path / "straight"))
     update, calls = common.EMA.update, []
 
@@ -258,8 +270,10 @@ def test_ddp_two_processes_read_different_windows(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     record=str(tmp_path / "seen")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(worker), *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     seen = [json.loads((tmp_path / f"seen.{r}.json").read_text()) for r in (0, 1)]
     n_train = max(n for n, _ in seen[0])
@@ -347,7 +361,8 @@ def test_preset_gives_the_sizes_and_flags_given_win(tmp_path):
     assert (cpu.rec_layers, cpu.rec_width, cpu.rec_heads) == (1, 64, 2)
     gpu = vt.parse_config(["--data", "shakespeare", "--preset", "gpu", "--eval-model", "none",
                            "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
-    assert (gpu.layers, gpu.width, gpu.heads, gpu.cond_dim, gpu.latent_dim, gpu.dropout) == (12, 768, 12, 128, 512, 0.1)
+    assert ((gpu.layers, gpu.width, gpu.heads, gpu.cond_dim, gpu.latent_dim, gpu.dropout)
+            == (12, 768, 12, 128, 512, 0.1))
     assert (gpu.rec_layers, gpu.rec_width, gpu.rec_heads, gpu.block_size) == (12, 768, 12, 256)
     assert vt.parse_config(["--data", "shakespeare", "--preset", "cpu", "--eval-model", "none"]).width == 128
 
@@ -442,14 +457,16 @@ def test_missing_empty_and_unprepared_data_are_refused(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "train.bin").write_bytes(b"")
-    for data, message in [(tmp_path / "nothing.txt", "no such file or folder"), (tmp_path / "empty.txt", "is empty"),
+    for data, message in [(tmp_path / "nothing.txt", "no such file or folder"),
+                          (tmp_path / "empty.txt", "is empty"),
                           (tmp_path / "half", "lacks val.bin, meta.json")]:
         with pytest.raises(SystemExit) as e:
             vt.main(tiny_args(tmp_path, data))
         assert e.value.code == 2 and message in capsys.readouterr().err
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit) as e:
-        vt.main(tiny_args(tmp_path, write_text(tmp_path / "poem.txt"), "--out-dir", str(tmp_path / "file" / "out")))
+        vt.main(tiny_args(tmp_path, write_text(tmp_path / "poem.txt"),
+                          "--out-dir", str(tmp_path / "file" / "out")))
     assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
@@ -466,7 +483,8 @@ def test_bad_data_contents_are_refused(tmp_path):
 
 
 def test_corrupt_shakespeare_download_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(vt.urllib.request, "urlretrieve", lambda url, path: open(path, "w").write("First Citizen:"))
+    monkeypatch.setattr(vt.urllib.request, "urlretrieve",
+                        lambda url, path: open(path, "w").write("First Citizen:"))
     with pytest.raises(SystemExit, match="has 14 bytes, not 1115394"):
         vt.main(tiny_args(tmp_path, "shakespeare"))
     assert os.listdir(tmp_path / "cache") == [] and not (tmp_path / "out").exists()
@@ -477,7 +495,8 @@ def test_offline_shakespeare_download_is_one_sentence(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(vt.urllib.request, "urlretrieve", offline)
-    with pytest.raises(SystemExit, match=r"cannot download tiny-shakespeare from https://\S+ \(.*name resolution\): "
+    with pytest.raises(SystemExit, match=r"cannot download tiny-shakespeare from https://\S+ "
+                                         r"\(.*name resolution\): "
                                          r"check the network, or pass --data PATH"):
         vt.main(tiny_args(tmp_path, "shakespeare"))
     assert not (tmp_path / "out").exists()
@@ -532,7 +551,8 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
-def test_default_scorer_is_skipped_without_transformers_but_an_asked_one_is_required(tmp_path, monkeypatch, capsys):
+def test_default_scorer_is_skipped_without_transformers_but_an_asked_one_is_required(tmp_path, monkeypatch,
+                                                                                     capsys):
     args = [a for a in tiny_args(tmp_path, "shakespeare") if a not in ("--eval-model", "none")]
     assert vt.parse_config(args).eval_model == ("gpt2-large" if vt.have("transformers") else None)
     monkeypatch.setattr(vt, "have", lambda package: False)
@@ -548,7 +568,8 @@ def test_default_scorer_is_skipped_without_transformers_but_an_asked_one_is_requ
 
 def test_steps_objective_end_to_end_and_its_recognition_sees_everything_masked(tmp_path):
     data = write_prepared(tmp_path / "ids", 37)
-    metrics = vt.main(tiny_args(tmp_path, data, "--method", "both", "--objective", "steps", "--train-steps", "1,3"))
+    metrics = vt.main(tiny_args(tmp_path, data, "--method", "both", "--objective", "steps",
+                                "--train-steps", "1,3"))
     saved = check_outputs(tmp_path / "out", metrics, 37, ["mdm", "vadd_cs"])
     assert all(saved["config"][m]["objective"] == "steps" and saved["config"][m]["train_steps"] == [1, 3]
                for m in ("mdm", "vadd"))

@@ -271,10 +271,12 @@ def test_steps_loss_is_an_unbiased_estimate_of_the_summed_bound(tmp_path):
     for method in ("mdm", "vadd"):
         model = trained(tmp_path / method, method, iters=200)
         sampler = "mdm" if method == "mdm" else "vadd_cs"
-        kw = dict(denoise=model.denoise, schedule=schedule, mask_id=8, recognize=model.recognition, sampler=sampler)
+        kw = dict(denoise=model.denoise, schedule=schedule, mask_id=8, recognize=model.recognition,
+                  sampler=sampler)
         for budgets in ([3], [1, 2, 4]):
             with torch.no_grad():
-                loss = common.steps_loss(POINTS.repeat(n, 1), model.denoise, schedule, 8, budgets, model.recognition)[0]
+                loss = common.steps_loss(POINTS.repeat(n, 1), model.denoise, schedule, 8, budgets,
+                                         model.recognition)[0]
             loss = loss.view(n, len(POINTS)).double()
             mean, se = loss.mean(0), loss.std(0) / math.sqrt(n)
             bounds = [bound_stats(POINTS, n, T=K, exact=True, **kw) for K in budgets]
