@@ -591,8 +591,16 @@ def save_metrics(out_dir, metrics, trained, method_of):
     Training a method drops that method's old entries (they describe other weights); --eval-only and
     --sample-only replace the figures and `by_steps` rows (keyed by sampler and steps) they recompute and keep
     the rest. `method_of` maps each sampler to its method, in table order. Returns what it wrote."""
-    path = os.path.join(out_dir, "metrics.json")
-    old = json.load(open(path)) if os.path.exists(path) else {}
+    path, old = os.path.join(out_dir, "metrics.json"), {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # the run's figures matter more than an unreadable old file
+            os.replace(path, f"{path}.unreadable")
+            print0(f"{path} could not be read ({e.__class__.__name__}): kept as {path}.unreadable, written anew")
     merged = dict(metrics)
     for part in ("config", "likelihood", "training"):
         kept = {m: v for m, v in old.get(part, {}).items() if m not in trained}

@@ -1,6 +1,7 @@
 """The mathematics of common.py (docs/method.md): schedules, forward masking, time sampling, KL
 annealing, the reverse step, and the estimators' normalisation."""
 import itertools
+import json
 import math
 import types
 
@@ -303,3 +304,29 @@ def test_checkpoints_save_and_restore_the_cuda_generator(monkeypatch):
     assert state["torch_rng"][0][1].tolist() == [7, 7]
     common.resume(state, model, opt, ema, rng, fake_cuda, 0, 1, seed=0)
     assert restored == [[7, 7]]
+
+
+def metrics_of(method, sampler, figure, steps=(1, 2)):
+    return {"unit": "nats", "config": {method: {"seed": figure}}, "likelihood": {method: {"nelbo": figure}},
+            "training": {method: {"iters": figure}},
+            "by_steps": [{"sampler": sampler, "steps": T, "bound": figure} for T in steps]}
+
+
+def test_metrics_keep_one_entry_per_method_and_replace_only_what_a_run_computed(tmp_path, capsys):
+    method_of = {"mdm": "mdm", "vadd": "vadd", "vadd_cs": "vadd"}
+    common.save_metrics(tmp_path, metrics_of("mdm", "mdm", 1.0), ["mdm"], method_of)
+    common.save_metrics(tmp_path, metrics_of("vadd", "vadd_cs", 2.0), ["vadd"], method_of)
+    # --eval-only of vadd at T = 2 and 3: those rows replaced, T = 1 and the mdm entry kept
+    merged = common.save_metrics(tmp_path, metrics_of("vadd", "vadd_cs", 3.0, (2, 3)), [], method_of)
+    assert merged["likelihood"] == {"mdm": {"nelbo": 1.0}, "vadd": {"nelbo": 3.0}}
+    assert [(r["sampler"], r["steps"], r["bound"]) for r in merged["by_steps"]] == [
+        ("mdm", 1, 1.0), ("mdm", 2, 1.0), ("vadd_cs", 1, 2.0), ("vadd_cs", 2, 3.0), ("vadd_cs", 3, 3.0)]
+    # training vadd again drops every old vadd row: they describe other weights
+    merged = common.save_metrics(tmp_path, metrics_of("vadd", "vadd", 4.0, (5,)), ["vadd"], method_of)
+    assert [(r["sampler"], r["steps"]) for r in merged["by_steps"]] == [("mdm", 1), ("mdm", 2), ("vadd", 5)]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == merged
+    # an unreadable metrics.json is set aside with one line, not a traceback after the run
+    (tmp_path / "metrics.json").write_text('{"config": ')
+    merged = common.save_metrics(tmp_path, metrics_of("mdm", "mdm", 5.0), ["mdm"], method_of)
+    assert set(merged["config"]) == {"mdm"} and "kept as" in capsys.readouterr().out
+    assert (tmp_path / "metrics.json.unreadable").read_text() == '{"config": '
