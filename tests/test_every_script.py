@@ -136,11 +136,12 @@ def test_compiled_bf16_training_is_one_graph_whatever_lambda(name, tmp_path, mon
     lambda passed as a Python float would be a new graph per value."""
     counter = GraphCounter()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=counter))
-    monkeypatch.setattr(torch._dynamo.config, "specialize_float", True, raising=False)
     torch._dynamo.reset()
-    metrics = MODULES[name].main(tiny_args(name, tmp_path, "--method", "vadd", "--compile", "--dtype", "bfloat16",
-                                           "--max-iters", "20", "--kl-warmup", "10", "--log-interval", "10",
-                                           "--ckpt-interval", "20"))
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the setting on newer pytest, hiding it
+    with torch._dynamo.config.patch(specialize_float=True):
+        metrics = MODULES[name].main(tiny_args(name, tmp_path, "--method", "vadd", "--compile", "--dtype",
+                                               "bfloat16", "--max-iters", "20", "--kl-warmup", "10",
+                                               "--log-interval", "10", "--ckpt-interval", "20"))
     assert counter.graphs == 1
     assert metrics["by_steps"]
     torch._dynamo.reset()
