@@ -346,11 +346,67 @@ def choose_preset(args, cpu_run):
     return args.preset
 
 
+def add_training_flags(p, defaults, presets=None, evaluation=True):
+    """The flags of training and running that every script has. `defaults` holds this script's defaults;
+    `presets` ({name: {flag: value}}) fills the flags it names, and their --help shows every preset's value.
+    evaluation=False (toy) leaves out gradient accumulation, validation and --eval-only / --sample-only."""
+    defaults = {**TRAINING_DEFAULTS, **defaults}
+
+    def a(flag, help, **kw):
+        key = flag[2:].replace("-", "_")
+        if key in (presets or {}).get("cpu", {}):
+            help += " (" + ", ".join(f"{name}: {values.get(key, defaults.get(key))}"
+                                      for name, values in presets.items()) + ")"
+        elif defaults.get(key) is not None:
+            help += " (default %(default)s)"
+        p.add_argument(flag, default=defaults.get(key), help=help, **kw)
+
+    a("--method", choices=("mdm", "vadd", "both"),
+      help="train MDM, VADD, or both one after the other with the same seed, data and budget")
+    a("--max-iters", type=whole(0), help="training iterations per method")
+    a("--batch-size", type=whole(), help="examples per iteration, over all processes and micro-batches")
+    if evaluation:
+        a("--grad-accum", type=whole(), help="micro-batches per iteration on each process")
+    a("--lr", type=number(0, open_low=True), help="peak learning rate of AdamW")
+    a("--warmup-iters", type=whole(0), help="linear learning-rate warm-up, then cosine decay to lr/10")
+    a("--grad-clip", type=number(0, open_low=True), help="gradient-norm clipping")
+    a("--ema", type=number(0, 1, open_high=True), help="EMA decay of the evaluated and sampled weights (0: off)")
+    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1 (default max-iters/2)")
+    a("--kl-start", type=number(0, 1), help="lambda at iteration 0")
+    a("--schedule", choices=SCHEDULES, help="masking schedule alpha(t)")
+    a("--objective", choices=("delbo", "steps"),
+      help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
+           "consistency sampler (MDM: of the K-step sampler), docs/method.md")
+    a("--train-steps", type=counts, help="budgets K of --objective steps, drawn one per example")
+    a("--seed", type=int, help="seeds training, data and sampling (the same for both methods)")
+    a("--device", help="auto, cpu, cuda, cuda:N (torchrun: each process takes its local GPU)")
+    a("--dtype", choices=("float32", "bfloat16"), help="autocast dtype (default bf16 on CUDA)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default on CUDA)")
+    a("--out-dir", help="output folder (by default named after the script and the data)")
+    a("--resume", action="store_true", help="continue from ckpt_<method>.pt in --out-dir")
+    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
+    if evaluation:
+        a("--eval-only", action="store_true", help="no training: evaluate and sample from ckpt_<method>.pt")
+        a("--sample-only", action="store_true", help="no training and no likelihoods: sample from the checkpoint")
+    a("--log-interval", type=whole(), help="iterations between progress lines")
+    if evaluation:
+        a("--eval-interval", type=whole(), help="iterations between validation figures (EMA weights, and the end)")
+    a("--ckpt-interval", type=whole(), help="iterations between checkpoints (and one at the end)")
+
+
+TRAINING_DEFAULTS = dict(method="both", grad_accum=1, grad_clip=1.0, kl_start=0.0, schedule="loglinear",
+                         objective="delbo", train_steps="1,2,4,8", seed=0, device="auto")
+
+
 def finish_config(cfg, parser, folders):
     """What every script derives after parsing: the device, bf16 and torch.compile on CUDA only (unless
     given), lambda's warm-up over half the run (unless given), and folders that can be created."""
-    if cfg.resume and cfg.overwrite:
-        parser.error("--resume continues the run in --out-dir and --overwrite replaces it: give one of them")
+    given = [f"--{k.replace('_', '-')}" for k in ("resume", "overwrite", "eval_only", "sample_only")
+             if getattr(cfg, k, False)]
+    if len(given) > 1:
+        parser.error(f"{' and '.join(given)} ask for different runs (--resume continues the run in --out-dir, "
+                     f"--overwrite replaces it, --eval-only and --sample-only read its checkpoints): give one "
+                     f"of them")
     try:
         cfg.device = str(pick_device(cfg.device))
     except (ValueError, RuntimeError) as e:
@@ -505,6 +561,8 @@ def read_checkpoint(path, settings, needed, resume):
               if saved.get(k) != v]
     if differ:
         raise SystemExit(f"{path} was trained with {', '.join(differ)}: pass the same flags, or another --out-dir")
+    if isinstance(ckpt["history"], list):  # written before validation figures were kept: the curve alone
+        ckpt["history"] = {"train": ckpt["history"], "val": []}
     return ckpt
 
 
@@ -586,6 +644,60 @@ class Progress:
         return f"iter {it:7d}/{self.total} | {shown} | {speed:9.1f} {self.unit} | eta {eta:5.0f}s, run {run:5.0f}s"
 
 
+class TrainingLog:
+    """The figures of one method's training loop. add() sums each iteration's (loss, KL, ...) on the device;
+    after() reads the sums back only every few iterations (the GPU runs ahead): a point of the training curve
+    every `every` iterations, a progress line every --log-interval, and, before every checkpoint, a check over
+    all ranks that every figure is finite, so no checkpoint holds a NaN update. `history`, which checkpoints
+    carry, is {"train": [(iteration, loss, KL, lambda)], "val": [(iteration, validation loss)]}; losses are in
+    the unit `to_unit` gives (bits per dimension for images), labelled `label`."""
+
+    def __init__(self, method, cfg, progress, history, every, path, label="loss", to_unit=float, suffix=None):
+        self.method, self.cfg, self.progress, self.every, self.path = method, cfg, progress, every, path
+        self.history = history or {"train": [], "val": []}
+        self.label, self.to_unit, self.suffix = label, to_unit, suffix
+        self.curve = self.recent = None
+
+    def add(self, *figures):
+        """One iteration's figures as 0-d tensors: the loss, the KL, then any other that must stay finite."""
+        stats = torch.stack([f.detach().float() for f in figures] + [torch.ones_like(figures[0]).float()])
+        if self.curve is None:
+            self.curve, self.recent = torch.zeros_like(stats), torch.zeros_like(stats)
+        self.curve += stats
+        self.recent += stats
+
+    def validated(self, it, loss, name, unit):
+        """A validation figure of the EMA weights at lambda 1 (`loss` already in its unit)."""
+        self.history["val"].append((it, loss))
+        print0(f"[{self.method}] iter {it:7d} | validation {name} {loss:.4f} {unit} (EMA weights, lambda 1)")
+
+    def after(self, it, lam, state):
+        """After iteration `it` (counted from 1) at KL weight `lam`; `state()` makes the checkpoint when one is
+        due (on every rank: it is a collective under DDP) and rank 0 writes it."""
+        self.progress.tick(it)
+        last = it == self.cfg.max_iters
+        point, save = it % self.every == 0 or last, it % self.cfg.ckpt_interval == 0 or last
+        if point or save:
+            *sums, n = sum_over_ranks(self.curve)
+            if not all(math.isfinite(s) for s in sums):
+                raise SystemExit(f"[{self.method}] the loss (or its KL or gradient) became {sums[0] / n} by "
+                                 f"iteration {it}: lower --lr (now {self.cfg.lr}); checkpoints already written "
+                                 f"are kept")
+            if point:
+                self.history["train"].append((it, self.to_unit(sums[0] / n), sums[1] / n, lam))
+                self.curve.zero_()
+        if self.progress.due(it, self.cfg.log_interval):
+            *sums, n = sum_over_ranks(self.recent)
+            self.recent.zero_()
+            figures = {self.label: self.to_unit(sums[0] / n), "kl": sums[1] / n, "lambda": lam}
+            line = self.progress.line(it, **figures)
+            print0(f"[{self.method}] {line}{self.suffix(it) if self.suffix else ''}")
+        if save:
+            state = state()
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                save_atomic(state, self.path)
+
+
 def save_metrics(out_dir, metrics, trained, method_of):
     """Write metrics.json under one rule: one entry per method, and a run replaces only what it computed.
     Training a method drops that method's old entries (they describe other weights); --eval-only and
@@ -614,3 +726,45 @@ def save_metrics(out_dir, metrics, trained, method_of):
         json.dump(merged, f, indent=1)
     os.replace(f"{path}.tmp{os.getpid()}", path)
     return merged
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+
+def pyplot():
+    """matplotlib without a display, imported only when plotting."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def savefig(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def plot_training(path, histories, loss_title, kl_title):
+    """Each method's training loss with its validation figures (EMA weights, where there are any); VADD's
+    KL and lambda (a KL falling to 0 is posterior collapse). `histories` maps methods to TrainingLog.history."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for method, history in histories.items():
+        h = np.asarray(history["train"], dtype=float).reshape(-1, 4)
+        line, = axes[0].plot(h[:, 0], h[:, 1], label=f"{method} training")
+        if history["val"]:
+            axes[0].plot(*zip(*history["val"]), marker="o", ls="--", color=line.get_color(),
+                         label=f"{method} validation (EMA)")
+        if method == "vadd":
+            axes[1].plot(h[:, 0], h[:, 2])
+            axes[2].plot(h[:, 0], h[:, 3])
+    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
+    for ax, title, full in zip(axes, [loss_title, kl_title, "VADD: lambda"], drawn):
+        ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
+        if not full:  # say why instead of drawing empty axes
+            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
+                    transform=ax.transAxes)
+    if drawn[0]:
+        axes[0].legend(fontsize=7)
+    savefig(fig, path)

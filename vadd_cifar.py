@@ -66,8 +66,6 @@ def build_parser():
 
     a("--preset", choices=tuple(PRESETS), help="defaults for every flag left unset (default: gpu where CUDA is, "
       "else cpu)")
-    a("--method", default="both", choices=("mdm", "vadd", "both"),
-      help="train MDM, VADD, or both one after the other with the same seed, data and budget (default both)")
     # data
     a("--data", type=batch_folder, default=None, help="folder with the extracted data_batch_*.bin and "
       "test_batch.bin (no network); default: download cifar-10-binary.tar.gz once into --cache-dir")
@@ -85,22 +83,7 @@ def build_parser():
       help="feed t to the denoiser (default off: the optimal masked denoiser ignores t, and samplers can then "
            "reuse its output while an image is unchanged)")
     a("--latent-dim", type=whole(), help="size of z (VADD), a code per image: small next to its 3072 tokens")
-    a("--schedule", default="linear", choices=common.SCHEDULES, help="masking schedule alpha(t) (default linear)")
-    a("--objective", default="delbo", choices=("delbo", "steps"),
-      help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
-           "consistency sampler (MDM: of the K-step sampler), docs/method.md (default delbo)")
-    a("--train-steps", type=common.counts, default="1,2,4,8", help="budgets K of --objective steps, one per image")
-    # budget and optimisation
-    a("--max-iters", type=whole(0), help="optimizer steps per method")
-    a("--batch-size", type=whole(), help="images per optimizer step, over all GPUs and accumulation steps")
-    a("--grad-accum", type=whole(), default=1, help="micro-batches per optimizer step on each GPU (default 1)")
-    a("--lr", type=number(0, open_low=True), help="peak learning rate of AdamW")
-    a("--warmup-iters", type=whole(0), help="linear learning-rate warm-up, then cosine decay to lr/10")
     a("--weight-decay", type=number(0), default=0.0, help="AdamW weight decay (default 0)")
-    a("--grad-clip", type=number(0, open_low=True), default=1.0, help="gradient-norm clipping (default 1)")
-    a("--ema", type=number(0, 1, open_high=True), help="EMA decay of the evaluated and sampled weights (0 = off)")
-    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1")
-    a("--kl-start", type=number(0, 1), default=0.0, help="lambda at iteration 0 (default 0)")
     # sampling and evaluation
     a("--steps", type=common.counts, default="1,5,10,20,50,100", help="denoising step counts, e.g. 1,5")
     a("--num-samples", type=whole(), help="images drawn per sampler and step count")
@@ -112,19 +95,7 @@ def build_parser():
       "the training set (needs torchmetrics and torch-fidelity; default 0 = off)")
     a("--fid-weights", type=existing_file, default=None,
       help="a local copy of torch-fidelity's Inception weights (offline machines)")
-    # run
-    a("--seed", type=int, default=0, help="seeds training, data and sampling (same for both methods)")
-    a("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: one GPU per process)")
-    a("--dtype", default=None, choices=("float32", "bfloat16"), help="autocast dtype (default bf16 on CUDA)")
-    a("--compile", default=None, action=argparse.BooleanOptionalAction, help="torch.compile (default on CUDA)")
-    a("--out-dir", default=os.path.join("out", "cifar"), help="output folder (default %(default)s)")
-    a("--resume", action="store_true", help="continue training from ckpt_<method>.pt in --out-dir")
-    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
-    a("--eval-only", action="store_true", help="no training: likelihoods, samples and FID from ckpt_<method>.pt")
-    a("--sample-only", action="store_true", help="no training, no likelihoods: samples and FID from checkpoints")
-    a("--log-interval", type=whole(), help="iterations between progress lines")
-    a("--eval-interval", type=whole(), help="iterations between validation figures")
-    a("--ckpt-interval", type=whole(), help="iterations between checkpoints (and one at the end)")
+    common.add_training_flags(p, dict(schedule="linear", out_dir=os.path.join("out", "cifar")), PRESETS)
     return p
 
 
@@ -174,8 +145,6 @@ def parse_config(argv=None):
                 f"{cfg.grad_accum} micro-batches")
     if cfg.fid > cfg.num_samples:
         p.error(f"--fid {cfg.fid} needs as many samples: raise --num-samples (now {cfg.num_samples})")
-    if cfg.eval_only + cfg.sample_only + cfg.resume > 1:
-        p.error("choose at most one of --resume, --eval-only and --sample-only")
     return common.finish_config(cfg, p, [cfg.out_dir, cfg.cache_dir])
 
 
@@ -615,7 +584,7 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
     rng = np.random.default_rng(cfg.seed)  # one data stream: each rank takes its slice of every global batch
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank)  # ... and draws its own times, masks and z
-    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, {"train": [], "val": []}
+    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, None
     if ckpt is not None:
         start, history = common.resume(ckpt, model, opt, ema, rng, device, rank, world, cfg.seed + 1)
         common.print0(f"[{method}] resumed from {path} at iteration {start}")
@@ -627,12 +596,13 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
     common.print0(f"[{method}] parameters: " + ", ".join(f"{k} {v:.2f}M" for k, v in counts.items()) + f"; "
                   f"{cfg.max_iters} iterations of {cfg.batch_size} images ({world} x {cfg.grad_accum} x {micro})")
     progress = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock)
-    curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
+    log = common.TrainingLog(method, cfg, progress, history, max(1, cfg.log_interval // 5), path, "bpd", bpd)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
             group["lr"] = common.lr_at(it, cfg)
         lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
         kl_weight = torch.tensor(lam)  # a tensor: one compiled graph for every value
+        figures = torch.zeros(2, device=device)  # (loss, KL), the mean over the micro-batches
         for m in range(cfg.grad_accum):  # each rank's slice of every global micro-batch
             x = draw_batch(train_images, cfg.batch_size // cfg.grad_accum, rng, cfg.flip)[rank::world]
             x = x.to(device, non_blocking=True)
@@ -641,45 +611,23 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
                     loss, kl = step(x, kl_weight)
                 loss = loss.mean()  # nats per image
                 (loss / D / cfg.grad_accum).backward()  # per sub-pixel: a scale that suits Adam and clipping
-            stats = torch.stack([loss.detach(), kl.detach().mean(), loss.new_ones(())])
-            curve += stats  # one batch is noisy (w(t) = 1/t): report means, read back only every few iterations
-            log += stats
+            figures += torch.stack([loss.detach(), kl.detach().mean()]) / cfg.grad_accum
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model)
-        progress.tick(it + 1)
-        last = it == cfg.max_iters - 1
-        point = (it + 1) % max(1, cfg.log_interval // 5) == 0 or last
-        save = (it + 1) % cfg.ckpt_interval == 0 or last
-        if point or save:  # every loss is checked before a checkpoint holds its update
-            loss_sum, kl_sum, n = common.sum_over_ranks(curve)
-            if not math.isfinite(loss_sum):
-                raise SystemExit(f"[{method}] the loss became {bpd(loss_sum / n)} bpd by iteration {it + 1}: "
-                                 f"lower --lr (now {cfg.lr}); checkpoints already written are kept")
-            if point:
-                history["train"].append((it + 1, bpd(loss_sum / n), kl_sum / n, lam))
-                curve.zero_()
-        if progress.due(it + 1, cfg.log_interval):
-            loss_sum, kl_sum, n = common.sum_over_ranks(log)
-            log.zero_()
-            common.print0(f"[{method}] " + progress.line(it + 1, bpd=bpd(loss_sum / n), kl=kl_sum / n,
-                                                         **{"lambda": lam}))
-        if (it + 1) % cfg.eval_interval == 0 or last:  # validation: the EMA weights, at lambda 1
+        log.add(*figures)
+        if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:  # the EMA weights, at lambda 1
             ema.copy_to(evaluator)
             chunks = val_images[rank::world].split(min(cfg.eval_batch, common.rows_per_call(D, V)))
             with torch.no_grad(), common.autocast(device, cfg.dtype):
                 per_image = [delbo(evaluator, x.to(device), 1.0)[0] for x in chunks]
-            history["val"].append((it + 1, bpd(common.mean_se(per_image, device)[0])))
-            common.print0(f"[{method}] iter {it + 1:7d} | validation {'DELBO' if method == 'vadd' else 'NELBO'} "
-                          f"{history['val'][-1][1]:.4f} bpd (EMA weights, lambda 1)")
-        if save:
-            state = common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method), history, rng,
-                                          device)
-            if rank == 0:
-                common.save_atomic(state, path)
+            val = bpd(common.mean_se(per_image, device)[0])
+            log.validated(it + 1, val, "DELBO" if method == "vadd" else "NELBO", "bpd")
+        log.after(it + 1, lam, lambda: common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method),
+                                                             log.history, rng, device))
     ema.copy_to(model)
-    return model.eval(), history, progress.summary(device)
+    return model.eval(), log.history, progress.summary(device)
 
 
 def weight_settings(cfg, method):
@@ -748,7 +696,8 @@ def main(argv=None):
         metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
         plot_overview(os.path.join(cfg.out_dir, "samples.png"), cfg, data[2] if data else None, metrics)
         plot_by_steps(os.path.join(cfg.out_dir, "by_steps.png"), metrics["by_steps"])
-        plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
+        common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories, "loss (MDM NELBO; VADD DELBO "
+                             "at lambda), bits per dim", "VADD: KL(r || p), nats per image")
         print_table(cfg, metrics)
         return metrics
     finally:
@@ -768,7 +717,7 @@ def sample_row(cfg, model, sampler, T, figures, fid, rank, world):
         row["bound"], row["bound_se"] = figures[sampler, T]
     if rank == 0:
         np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
-        pyplot().imsave(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), tile(images[:64], 8))
+        common.pyplot().imsave(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), tile(images[:64], 8))
         if fid is not None:
             fid.reset()  # keeps the training-set statistics (reset_real_features=False)
             fid_update(fid, images[:cfg.fid], real=False)
@@ -800,20 +749,6 @@ def print_table(cfg, metrics):
 # ----------------------------------------------------------------------------------------------------------
 # Plots
 
-def pyplot():
-    """matplotlib without a display, imported only when plotting."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-
-
 def tile(images, cols):
     """A grid of images (n, 32, 32, 3) with a 2-pixel white border, as one uint8 picture."""
     rows = math.ceil(len(images) / cols)
@@ -827,7 +762,7 @@ def tile(images, cols):
 def plot_overview(path, cfg, data, metrics):
     """Rows: test images and each sampler in metrics.json (read back from samples_*.npy); columns: step
     counts; each cell 16 images."""
-    plt = pyplot()
+    plt = common.pyplot()
     rows = ["data"] + [s for s in SAMPLERS if any(r["sampler"] == s for r in metrics["by_steps"])]
     fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(max(6, 2 * len(cfg.steps)), 2.1 * len(rows)),
                              squeeze=False)
@@ -847,12 +782,12 @@ def plot_overview(path, cfg, data, metrics):
                 axes[r, c].text(-0.08, 0.5, "data" if row == "data" else SAMPLERS[row][0].split(" (")[0],
                                 rotation=90, va="center", ha="right", transform=axes[r, c].transAxes, fontsize=9)
     fig.suptitle("CIFAR-10: samples after T denoising steps", fontsize=10)
-    save(fig, path)
+    common.savefig(fig, path)
 
 
 def plot_by_steps(path, rows):
     """The valid T-step bound (bpd) and, when computed, FID against the number of steps."""
-    plt = pyplot()
+    plt = common.pyplot()
     panels = [("bound", "valid T-step bound (bits per dim)")]
     panels += [("fid", "FID")] if any("fid" in r for r in rows) else []
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
@@ -863,33 +798,7 @@ def plot_by_steps(path, rows):
                 ax.plot(*zip(*pts), marker="o", label=name)
         ax.set_xscale("log"), ax.set_xlabel("denoising steps T"), ax.set_ylabel(label)
         ax.legend(fontsize=7)
-    save(fig, path)
-
-
-def plot_training(path, histories):
-    """Loss (bpd) of each method with its validation figure; KL and lambda of VADD (a KL at 0 is collapse)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for method, history in histories.items():
-        h = np.asarray(history["train"], dtype=float).reshape(-1, 4)
-        line, = axes[0].plot(h[:, 0], h[:, 1], label=f"{method} train")
-        if history["val"]:
-            axes[0].plot(*zip(*history["val"]), marker="o", ls="--", color=line.get_color(),
-                         label=f"{method} validation (EMA)")
-        if method == "vadd":
-            axes[1].plot(h[:, 0], h[:, 2])
-            axes[2].plot(h[:, 0], h[:, 3])
-    titles = ["loss (MDM NELBO; VADD DELBO at lambda), bits per dim", "VADD: KL(r || p), nats per image",
-              "VADD: lambda"]
-    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
-    for ax, title, full in zip(axes, titles, drawn):
-        ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
-        if not full:  # say why instead of drawing empty axes
-            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
-                    transform=ax.transAxes)
-    if drawn[0]:
-        axes[0].legend(fontsize=7)
-    save(fig, path)
+    common.savefig(fig, path)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,6 @@ def build_parser():
     a, whole, number = p.add_argument, common.whole, common.number
     a("--preset", choices=tuple(PRESETS), help="default set: gpu (below) or cpu (a small UNet, minutes); "
       "default: gpu where CUDA is, else cpu")
-    a("--method", default="both", choices=("mdm", "vadd", "both"),
-      help="train MDM, VADD, or both one after the other with the same seed, data and budget (default both)")
     a("--data", default=None, help="folder with the four MNIST IDX files (gzipped or not); no network, no md5")
     a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd", "mnist"),
       help="where full MNIST is downloaded to when --data is not given")
@@ -80,14 +78,6 @@ def build_parser():
     a("--iw-samples", type=whole(), default=100, help="draws of z for the importance-weighted DELBO")
     a("--eval-batch", type=whole(), default=500, help="test images per likelihood batch")
     a("--eval-repeats", type=whole(), default=1, help="passes over the test set for the one-random-step estimates")
-    # budget and optimisation
-    a("--max-iters", type=whole(0), default=100_000, help="training iterations per method")
-    a("--batch-size", type=whole(), default=128, help="images per iteration (over all processes)")
-    a("--grad-accum", type=whole(), default=1, help="micro-batches per optimizer step on each process")
-    a("--lr", type=number(0, open_low=True), default=2e-4, help="peak learning rate of AdamW")
-    a("--warmup-iters", type=whole(0), default=1000, help="linear lr warm-up, then cosine decay to lr/10")
-    a("--grad-clip", type=number(0, open_low=True), default=1.0, help="gradient-norm clipping")
-    a("--ema", type=number(0, 1, open_high=True), default=0.9999, help="EMA decay of evaluated weights (0: off)")
     # model
     a("--channels", type=whole(8), default=64, help="channels of the UNets' first level (a multiple of 8)")
     a("--channel-mult", type=common.counts, default="1,2,2",
@@ -101,27 +91,9 @@ def build_parser():
       help="condition the denoiser on t too (off: the optimal masked denoiser needs only x_t, MDLM, "
            "and the samplers can reuse its output while an image does not change)")
     a("--latent-dim", type=whole(), default=32, help="size of z (VADD)")
-    a("--kl-warmup", type=whole(0), default=None, help="iterations for lambda to reach 1 (default max-iters/2)")
-    a("--kl-start", type=number(0, 1), default=0.0, help="lambda at iteration 0")
-    a("--schedule", default="loglinear", choices=common.SCHEDULES, help="masking schedule alpha(t) (MDLM's)")
-    a("--objective", default="delbo", choices=("delbo", "steps"),
-      help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
-           "consistency sampler (MDM: of the K-step sampler), docs/method.md (default delbo)")
-    a("--train-steps", type=common.counts, default="1,2,4,8", help="budgets K for --objective steps")
-    # run
-    a("--seed", type=int, default=0, help="seeds training, data order and sampling (same for both methods)")
-    a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    a("--dtype", default=None, choices=("float32", "bfloat16"), help="autocast dtype (default bf16 on CUDA)")
-    a("--compile", default=None, action=argparse.BooleanOptionalAction, help="torch.compile (default on CUDA)")
-    a("--out-dir", default=os.path.join("out", "mnist"), help="output folder (default %(default)s)")
-    a("--resume", action="store_true", help="continue training from ckpt_<method>.pt in --out-dir")
-    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
-    only = p.add_mutually_exclusive_group().add_argument
-    only("--eval-only", action="store_true", help="no training: evaluate and sample from ckpt_<method>.pt")
-    only("--sample-only", action="store_true", help="no training, no likelihoods: sample from ckpt_<method>.pt")
-    a("--log-interval", type=whole(), default=500, help="iterations between progress lines")
-    a("--eval-interval", type=whole(), default=5000, help="iterations between validation figures (EMA weights)")
-    a("--ckpt-interval", type=whole(), default=5000, help="iterations between checkpoints (and one at the end)")
+    defaults = dict(max_iters=100_000, batch_size=128, lr=2e-4, warmup_iters=1000, ema=0.9999,
+                    out_dir=os.path.join("out", "mnist"), log_interval=500, eval_interval=5000, ckpt_interval=5000)
+    common.add_training_flags(p, defaults, PRESETS)
     return p
 
 
@@ -589,7 +561,7 @@ def train(cfg, method, data, ckpt, rank, world, clock=None):
     rng = np.random.default_rng(cfg.seed)  # one data stream: each rank takes its slice of every global batch
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank)  # its own times, masks and z on each rank
-    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, {"train": [], "val": []}
+    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, None
     if ckpt is not None:
         start, history = common.resume(ckpt, model, opt, ema, rng, device, rank, world, cfg.seed + 1)
         common.print0(f"[{method}] resumed from {path} at iteration {start}")
@@ -601,55 +573,34 @@ def train(cfg, method, data, ckpt, rank, world, clock=None):
     common.print0(f"[{method}] parameters: {sizes}; {cfg.max_iters} iterations of {cfg.batch_size} images on "
                   f"{world} process(es) x {cfg.grad_accum} micro-batch(es)")
     progress = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock)
-    curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
+    log = common.TrainingLog(method, cfg, progress, history, HISTORY_EVERY, path, "bpd", bpd)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
             group["lr"] = common.lr_at(it, cfg)
         lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
         kl_weight = torch.tensor(lam)  # lambda as a 0-d tensor: one compiled graph for every value
         batch = torch.from_numpy(rng.integers(0, len(train_x), cfg.batch_size))[rank::world]
-        stats = torch.zeros(3, device=device)
+        figures = torch.zeros(2, device=device)  # (loss, KL), the mean over the micro-batches
         for m, idx in enumerate(batch.reshape(cfg.grad_accum, -1)):
             x0 = train_x[idx].to(device, non_blocking=True)
             with ddp.no_sync() if world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext():
                 with common.autocast(device, cfg.dtype):
                     loss, kl = step(x0, kl_weight)
                 (loss.mean() / cfg.grad_accum).backward()
-            stats += torch.stack([loss.detach().mean(), kl.detach().mean(), loss.new_ones(())]) / cfg.grad_accum
+            figures += torch.stack([loss.detach().mean(), kl.detach().mean()]) / cfg.grad_accum
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model)
-        curve += stats  # one batch is noisy (w(t) = 1/t): report means, read back only every few iterations
-        log += stats
-        progress.tick(it + 1)
-        last = it == cfg.max_iters - 1
-        point, save = (it + 1) % HISTORY_EVERY == 0 or last, (it + 1) % cfg.ckpt_interval == 0 or last
-        if point or save:  # every loss is checked before a checkpoint holds its update
-            loss_sum, kl_sum, n = common.sum_over_ranks(curve)
-            if not math.isfinite(loss_sum):
-                raise SystemExit(f"[{method}] the loss became {loss_sum / n} by iteration {it + 1}: lower --lr "
-                                 f"(now {cfg.lr}); checkpoints already written are kept")
-            if point:
-                history["train"].append((it + 1, bpd(loss_sum / n), kl_sum / n, lam))
-                curve.zero_()
-        if progress.due(it + 1, cfg.log_interval):
-            loss_sum, kl_sum, n = log.tolist()
-            log.zero_()
-            common.print0(f"[{method}] " + progress.line(it + 1, bpd=bpd(loss_sum / n), kl=kl_sum / n,
-                                                          **{"lambda": lam}))
-        if (it + 1) % cfg.eval_interval == 0 or last:  # always on the EMA weights, at lambda = 1
+        log.add(*figures)
+        if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:  # on the EMA weights, at lambda 1
             ema.copy_to(evaluator)
-            history["val"].append((it + 1, validate(evaluator, val_x[rank::world], cfg)))
-            common.print0(f"[{method}] iter {it + 1:7d} | validation {'DELBO' if method == 'vadd' else 'NELBO'} "
-                          f"{history['val'][-1][1]:.4f} bpd (EMA weights)")
-        if save:
-            state = common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method), history, rng,
-                                          device)
-            if rank == 0:
-                common.save_atomic(state, path)
+            log.validated(it + 1, validate(evaluator, val_x[rank::world], cfg),
+                          "DELBO" if method == "vadd" else "NELBO", "bpd")
+        log.after(it + 1, lam, lambda: common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method),
+                                                             log.history, rng, device))
     ema.copy_to(model)
-    return model.eval(), history, progress.summary(device)
+    return model.eval(), log.history, progress.summary(device)
 
 
 def weight_settings(cfg, method):
@@ -727,7 +678,8 @@ def main(argv=None):
         metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
         plot_overview(os.path.join(cfg.out_dir, "overview.png"), cfg, spread(test_x, 16).numpy(), metrics)
         plot_bounds(os.path.join(cfg.out_dir, "bounds.png"), metrics)
-        plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
+        common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories, "loss (MDM NELBO; VADD DELBO "
+                             "at lambda), bits per dim", "VADD: KL(r || p), nats per image")
         print_table(cfg, metrics)
         return metrics
     finally:
@@ -761,20 +713,6 @@ def print_table(cfg, metrics):
 # ----------------------------------------------------------------------------------------------------------
 # Plots
 
-def pyplot():
-    """matplotlib without a display, imported only when plotting."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def savefig(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-
-
 def tile(images, cols):
     """(N, H, W) images -> one array, `cols` per row, a 1-pixel grey line between them."""
     n, h, w = images.shape
@@ -787,18 +725,18 @@ def tile(images, cols):
 
 
 def save_grid(path, images, title):
-    plt = pyplot()
+    plt = common.pyplot()
     cols = min(10, math.ceil(math.sqrt(len(images))))
     fig, ax = plt.subplots(figsize=(cols * 0.6 + 0.4, math.ceil(min(len(images), cols * cols) / cols) * 0.6 + 0.5))
     ax.imshow(tile(images[:cols * cols], cols), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off(), ax.set_title(title, fontsize=8)
-    savefig(fig, path)
+    common.savefig(fig, path)
 
 
 def plot_overview(path, cfg, data, metrics, per_cell=16):
     """Rows: test images, then each sampler in metrics.json (read back from samples_*.npy); columns: step
     counts; each cell a 4 x 4 mosaic."""
-    plt = pyplot()
+    plt = common.pyplot()
     rows = ["data"] + [s for s in SAMPLERS if any(r["sampler"] == s for r in metrics["by_steps"])]
     fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(max(6, 1.9 * len(cfg.steps)), 2 * len(rows)),
                              squeeze=False)
@@ -816,11 +754,11 @@ def plot_overview(path, cfg, data, metrics, per_cell=16):
             if c == 0:
                 ax.set_ylabel("test images" if row == "data" else SAMPLERS[row][0].split(" (")[0])
     fig.suptitle("binarized MNIST: samples after T denoising steps")
-    savefig(fig, path)
+    common.savefig(fig, path)
 
 
 def plot_bounds(path, metrics):
-    plt = pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for sampler, (label, _, _) in SAMPLERS.items():
         pts = sorted((r["steps"], r["bound"], r["bound_se"]) for r in metrics["by_steps"]
@@ -835,34 +773,7 @@ def plot_bounds(path, metrics):
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("denoising steps T"), ax.set_ylabel("test bits per dimension")
     ax.legend(fontsize=7)
-    savefig(fig, path)
-
-
-def plot_training(path, histories):
-    """Loss of each method (bpd), VADD's KL and lambda (a KL falling to 0 is posterior collapse), and the
-    validation NELBO / DELBO of the EMA weights."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
-    for method, h in histories.items():
-        train = np.array([p[:4] for p in h["train"]]).reshape(-1, 4)
-        axes[0].plot(train[:, 0], train[:, 1], label=method)
-        if h["val"]:
-            axes[3].plot(*zip(*h["val"]), marker="o", label=method)
-        if method == "vadd":
-            axes[1].plot(train[:, 0], train[:, 2])
-            axes[2].plot(train[:, 0], train[:, 3])
-    titles = ["training loss (bpd; VADD at lambda)", "VADD: KL(r || p), nats per image", "VADD: lambda",
-              "validation NELBO / DELBO (bpd, EMA)"]
-    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
-    for ax, title, full in zip(axes, titles, drawn):
-        ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
-        if not full:  # say why instead of drawing empty axes
-            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
-                    transform=ax.transAxes)
-    for ax in (axes[0], axes[3]):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    savefig(fig, path)
+    common.savefig(fig, path)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,6 @@ def build_parser():
     a("--data", default="shakespeare", help="a UTF-8 text file, a folder with train.bin/val.bin/meta.json, or "
       "one of: shakespeare (tiny-shakespeare, downloaded once), openwebtext, lm1b (via `datasets`)")
     a("--tokenizer", choices=("gpt2", "char"), help="for text files: GPT-2 BPE or characters (--preset cpu)")
-    a("--method", default="vadd", choices=("mdm", "vadd", "both"),
-      help="train MDM, VADD, or both one after the other with the same seed and data (default vadd)")
     a("--steps", type=common.counts, default="5", help="denoising step counts to sample and bound, e.g. 1,2,4,8")
     a("--sampler", default="cs", choices=("cs", "vanilla", "both"),
       help="VADD sampler: one z per sequence (cs, default), a fresh z every step (vanilla), or both")
@@ -68,18 +66,7 @@ def build_parser():
       help="sum all T steps of each T-step bound (T calls) instead of the unbiased one-random-step estimate")
     a("--eval-model", help="causal LM scoring the samples' generative perplexity, a Hugging Face name or local "
       "folder; 'none' skips it (default gpt2-large when `transformers` is installed, else skipped)")
-    a("--eval-only", action="store_true", help="no training: evaluate and sample from ckpt_<method>.pt")
-    a("--sample-only", action="store_true", help="no training and no likelihoods: only sample from the checkpoint")
-    # budget and optimisation (MDLM: AdamW, lr 3e-4, betas 0.9/0.999, no weight decay, EMA, clip 1)
-    a("--max-iters", type=whole(0), default=5000, help="training iterations per method")
-    a("--batch-size", type=whole(), default=64, help="sequences per iteration, over all processes and micro-steps")
-    a("--grad-accum", type=whole(), default=1, help="micro-steps per iteration (gradient accumulation)")
     a("--block-size", type=whole(2), help="tokens per sequence (default 1024 openwebtext, 128 lm1b, else 256)")
-    a("--lr", type=number(0, open_low=True), default=3e-4, help="peak learning rate of AdamW")
-    a("--warmup-iters", type=whole(0), default=200, help="linear learning-rate warm-up, then cosine decay")
-    a("--grad-clip", type=number(0, open_low=True), default=1.0, help="gradient-norm clipping")
-    a("--ema", type=number(0, 1, open_high=True), default=0.999, help="EMA decay of the evaluated weights (0 = "
-      "off; MDLM uses 0.9999 over 1M steps: keep 1/(1 - ema) well under --max-iters)")
     # model: a preset of sizes, each overridable
     a("--preset", choices=tuple(PRESETS), help="gpu: MDLM-small, 5000 iterations of 64 x 256 tokens; cpu: a "
       "4-layer DiT on characters, 1000 iterations of 32 x 128 (default: gpu where CUDA is, else cpu)")
@@ -91,26 +78,13 @@ def build_parser():
     for name, low in (("layers", 1), ("width", 2), ("heads", 1)):
         a(f"--rec-{name}", type=whole(low), help=f"recognition model {name} (default: the denoiser's)")
     a("--time-cond", action="store_true", help="give the denoiser t (MDLM does not; it stops output reuse)")
-    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1 (default max-iters/2)")
-    a("--kl-start", type=number(0, 1), default=0.0, help="lambda at iteration 0")
-    a("--schedule", default="loglinear", choices=common.SCHEDULES, help="masking schedule alpha(t)")
-    a("--objective", default="delbo", choices=("delbo", "steps"),
-      help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
-           "consistency sampler (MDM: of the K-step sampler), docs/method.md (default delbo)")
-    a("--train-steps", type=common.counts, default="1,2,4,8", help="budgets K for --objective steps")
-    # run
-    a("--seed", type=int, default=0, help="seeds training, data order and sampling (same for both methods)")
-    a("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: each process takes its local GPU)")
-    a("--dtype", choices=("float32", "bfloat16"), help="autocast dtype (default bf16 on CUDA)")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default on CUDA)")
-    a("--out-dir", help="output folder (default out/text/<data name>)")
     a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd", "text"),
       help="where downloads and tokenised data are kept")
-    a("--resume", action="store_true", help="continue from ckpt_<method>.pt in --out-dir")
-    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
-    a("--log-interval", type=whole(), default=100, help="iterations between progress lines")
-    a("--eval-interval", type=whole(), default=1000, help="iterations between validation losses (and the end)")
-    a("--ckpt-interval", type=whole(), default=1000, help="iterations between checkpoints (and the end)")
+    # MDLM: AdamW at lr 3e-4, betas 0.9/0.999, no weight decay, clipping at 1, EMA (0.9999 over 1M steps: keep
+    # 1/(1 - ema) well under --max-iters)
+    defaults = dict(method="vadd", max_iters=5000, batch_size=64, lr=3e-4, warmup_iters=200, ema=0.999,
+                    log_interval=100, eval_interval=1000, ckpt_interval=1000)
+    common.add_training_flags(p, defaults, PRESETS)
     return p
 
 
@@ -136,8 +110,6 @@ def parse_config(argv=None):
                 f"{world * cfg.grad_accum}")
     if cfg.num_eval < world:
         p.error(f"--num-eval {cfg.num_eval} must be at least the number of processes, {world}")
-    if cfg.eval_only and cfg.sample_only:
-        p.error("--eval-only already samples: give one of --eval-only and --sample-only")
     name = cfg.data if cfg.data in NAMED else None  # else a prepared folder or a non-empty text file
     if name is None and not os.path.exists(cfg.data):
         p.error(f"--data {cfg.data!r}: no such file or folder, and not one of {', '.join(NAMED)}")
@@ -737,7 +709,7 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
     rng = np.random.default_rng(cfg.seed)  # window offsets: one stream, the same on every rank
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank)  # times, masks and z: different on every rank
-    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, []
+    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, None
     if ckpt is not None:
         start, history = common.resume(ckpt, model, opt, ema, rng, device, rank, world, cfg.seed + 1)
         common.print0(f"[{method}] resumed from {path} at iteration {start}")
@@ -750,14 +722,15 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
     common.print0(f"[{method}] {params / 1e6:.2f}M parameters, {cfg.max_iters} iterations of {cfg.batch_size} x "
                   f"{cfg.block_size} tokens on {world} process(es)")
     progress = common.Progress(start, cfg.max_iters, cfg.batch_size * cfg.block_size, "tokens/s", clock)
-    curve, log = torch.zeros(4, device=device), torch.zeros(4, device=device)  # sums of (loss, KL, grad norm, n)
+    mfu = (lambda it: f" | mfu {100 * flops * progress.rate(it) / peak:4.1f}%") if peak else None
+    log = common.TrainingLog(method, cfg, progress, history, HISTORY_EVERY, path, suffix=mfu)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
             group["lr"] = common.lr_at(it, cfg)
         lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
         kl_weight = torch.tensor(lam)  # a 0-d CPU tensor: compiled once for every lambda, no copy to the GPU
         offsets = window_offsets(rng, len(train_ids), cfg, rank, world)
-        stats = torch.zeros(4, device=device)
+        figures = torch.zeros(2, device=device)  # (loss, KL), the mean over the micro-steps
         for m in range(cfg.grad_accum):
             x0 = get_batch(train_ids, offsets[m], cfg.block_size, device)
             # DDP all-reduces the gradients on the last micro-step only
@@ -766,49 +739,26 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
                     loss, kl = step(x0, kl_weight)
                 loss = loss.mean() / cfg.block_size  # nats per token
                 (loss / cfg.grad_accum).backward()
-            stats[:2] += torch.stack([loss.detach(), kl.detach().mean()]) / cfg.grad_accum
-        stats[2] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        stats[3] = 1
+            figures += torch.stack([loss.detach(), kl.detach().mean()]) / cfg.grad_accum
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model)
-        curve += stats  # no .item() here: the GPU runs ahead, and syncs only every few iterations
-        log += stats
-        progress.tick(it + 1)
-        last = it == cfg.max_iters - 1
-        point, save = (it + 1) % HISTORY_EVERY == 0 or last, (it + 1) % cfg.ckpt_interval == 0 or last
-        if point or save:  # every loss and gradient norm is checked before any checkpoint holds its update
-            loss_sum, kl_sum, norm_sum, n = common.sum_over_ranks(curve)
-            if not math.isfinite(loss_sum + norm_sum):
-                raise SystemExit(f"[{method}] the loss or its gradient became {loss_sum + norm_sum} by iteration "
-                                 f"{it + 1}: lower --lr (now {cfg.lr}); checkpoints already written are kept")
-            if point:
-                history.append((it + 1, loss_sum / n, kl_sum / n, lam))
-                curve.zero_()
-        if progress.due(it + 1, cfg.log_interval):
-            loss_sum, kl_sum, _, n = log.tolist()
-            log.zero_()
-            line = progress.line(it + 1, loss=loss_sum / n, kl=kl_sum / n, **{"lambda": lam})
-            mfu = f" | mfu {100 * flops * progress.rate(it + 1) / peak:4.1f}%" if peak else ""
-            common.print0(f"[{method}] {line}{mfu}")
-        if (it + 1) % cfg.eval_interval == 0 or last:  # one batch per rank, at lambda 1
+        log.add(*figures, norm)
+        if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:  # one batch per rank, at lambda 1
             ema.copy_to(evaluator)
             with torch.no_grad(), common.autocast(device, cfg.dtype):
                 x = val_x0[:min(cfg.eval_batch, common.rows_per_call(cfg.block_size, model.mask_id))].to(device)
                 val = common.mean_se(delbo(evaluator, x, 1.0)[0].float().cpu() / cfg.block_size, device)[0]
-            common.print0(f"[{method}] iter {it + 1:7d} | validation {'DELBO' if method == 'vadd' else 'NELBO'} "
-                          f"{val:.4f} nats/token (EMA weights, lambda 1)")
-        if save:
-            state = common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method), history, rng,
-                                          device)
-            if rank == 0:
-                common.save_atomic(state, path)
+            log.validated(it + 1, val, "DELBO" if method == "vadd" else "NELBO", "nats/token")
+        log.after(it + 1, lam, lambda: common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method),
+                                                             log.history, rng, device))
     summary = {**progress.summary(device), "params": params, "flops_per_token": flops,
-               "final_kl": history[-1][2] if history else None}
+               "final_kl": log.history["train"][-1][2] if log.history["train"] else None}
     if peak and summary["tokens_per_s"] > 0:
         summary["mfu"] = flops * summary["tokens_per_s"] / peak
     ema.copy_to(model)
-    return model.eval(), history, summary
+    return model.eval(), log.history, summary
 
 
 def weight_settings(cfg, method):
@@ -881,7 +831,8 @@ def main(argv=None):
             return None
         metrics["seconds"] = time.time() - run_start
         metrics = common.save_metrics(cfg.out_dir, metrics, [] if no_training else methods, method_of)
-        plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
+        common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories, "loss (MDM: NELBO; VADD: "
+                             "DELBO at lambda), nats/token", "VADD: KL(r || p), nats/sequence")
         plot_bounds(os.path.join(cfg.out_dir, "bounds.png"), metrics["by_steps"])
         print_table(cfg, metrics)
         return metrics
@@ -942,42 +893,9 @@ def print_table(cfg, metrics):
 # ----------------------------------------------------------------------------------------------------------
 # Plots
 
-def pyplot():
-    """matplotlib without a display, imported only when plotting."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_training(path, histories):
-    """Loss of each method; KL and lambda of VADD (a KL falling to 0 is posterior collapse)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for method, h in histories.items():
-        h = np.asarray(h, dtype=float).reshape(-1, 4)
-        axes[0].plot(h[:, 0], h[:, 1], label=method)
-        if method == "vadd":
-            axes[1].plot(h[:, 0], h[:, 2], label=method)
-            axes[2].plot(h[:, 0], h[:, 3], label=method)
-    titles = ["loss (MDM: NELBO; VADD: DELBO at lambda), nats/token", "VADD: KL(r || p), nats/sequence",
-              "VADD: lambda"]
-    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
-    for ax, title, full in zip(axes, titles, drawn):
-        ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
-        if not full:  # say why instead of drawing empty axes
-            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
-                    transform=ax.transAxes)
-    if drawn[0]:
-        axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plot_bounds(path, rows):
     """Valid T-step bound (nats/token) against T for every sampler: the few-step gap VADD targets."""
-    plt = pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for sampler, (label, _, _) in SAMPLERS.items():
         pts = sorted((r["steps"], r["bound"]) for r in rows if r["sampler"] == sampler and "bound" in r)
@@ -986,9 +904,7 @@ def plot_bounds(path, rows):
     ax.set_xscale("log"), ax.set_xlabel("denoising steps T"), ax.set_ylabel("valid T-step bound, nats/token")
     if ax.lines:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.savefig(fig, path)
 
 
 if __name__ == "__main__":

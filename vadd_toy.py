@@ -29,46 +29,21 @@ DATASETS = ("checkerboard", "swissroll", "circles", "8gaussians", "moons", "pinw
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a, whole, number = p.add_argument, common.whole, common.number
+    a, whole = p.add_argument, common.whole
     a("--dataset", default="checkerboard", choices=DATASETS, help="2D distribution (default %(default)s)")
-    a("--method", default="both", choices=("mdm", "vadd", "both"),
-      help="train MDM, VADD, or both one after the other with the same seed, data and budget (default both)")
     a("--bins", type=whole(2), default=64, help="bins per coordinate over [-4, 4], the vocabulary V (default 64)")
     a("--steps", type=common.counts, default="1,2,5,10,100", help="denoising step counts to evaluate, e.g. 1,5")
     a("--num-samples", type=whole(), default=50_000, help="points drawn per sampler and step count")
     a("--num-eval", type=whole(), default=20_000, help="held-out data points for the likelihoods")
     a("--iw-samples", type=whole(), default=100, help="draws of z for the importance-weighted DELBO")
     a("--ref-points", type=whole(), default=10_000_000, help="data points in the reference histogram (cached)")
-    # budget and optimisation
-    a("--max-iters", type=whole(0), default=6000, help="training iterations per method")
-    a("--batch-size", type=whole(), default=512, help="points per training iteration")
-    a("--lr", type=number(0, open_low=True), default=2e-3, help="peak learning rate of AdamW")
-    a("--warmup-iters", type=whole(0), default=100, help="linear warm-up of the learning rate, then cosine decay")
-    a("--grad-clip", type=number(0, open_low=True), default=1.0, help="gradient-norm clipping")
-    a("--ema", type=number(0, 1, open_high=True), default=0.999, help="EMA decay of evaluated weights (0 = off)")
-    # model
     a("--width", type=whole(2), default=128, help="hidden width of both MLPs")
     a("--depth", type=whole(0), default=2, help="residual blocks of the denoiser")
     a("--latent-dim", type=whole(), default=2, help="size of z (VADD)")
-    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1 (default max-iters/2)")
-    a("--kl-start", type=number(0, 1), default=0.0, help="lambda at iteration 0")
-    a("--schedule", default="linear", choices=common.SCHEDULES, help="masking schedule alpha(t)")
-    a("--objective", default="delbo", choices=("delbo", "steps"),
-      help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
-           "consistency sampler (MDM: of the K-step sampler), docs/method.md (default delbo)")
-    a("--train-steps", type=common.counts, default="1,2,4,8", help="budgets K of --objective steps, one per point")
-    # run
-    a("--seed", type=int, default=0, help="seeds training, data and sampling (same for both methods)")
-    a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    a("--dtype", default=None, choices=("float32", "bfloat16"), help="autocast dtype (default bf16 on CUDA)")
-    a("--compile", default=None, action=argparse.BooleanOptionalAction, help="torch.compile (default on CUDA)")
-    a("--out-dir", default=None, help="output folder (default out/toy/<dataset>)")
     a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd"),
       help="where reference histograms are cached")
-    a("--resume", action="store_true", help="continue from ckpt_<method>.pt in --out-dir")
-    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
-    a("--log-interval", type=whole(), default=500, help="iterations between progress lines")
-    a("--ckpt-interval", type=whole(), default=2000, help="iterations between checkpoints (and one at the end)")
+    common.add_training_flags(p, dict(max_iters=6000, batch_size=512, lr=2e-3, warmup_iters=100, ema=0.999,
+                                      schedule="linear", log_interval=500, ckpt_interval=2000), evaluation=False)
     return p
 
 
@@ -357,7 +332,7 @@ def train(cfg, method, ckpt=None, clock=None):
     model = Model(cfg, method).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = common.EMA(model, cfg.ema)
-    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, []
+    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, None
     if ckpt is not None:
         start, history = common.resume(ckpt, model, opt, ema, rng, device, 0, 1, cfg.seed + 1)
         print(f"[{method}] resumed from {path} at iteration {start}")
@@ -365,7 +340,7 @@ def train(cfg, method, ckpt=None, clock=None):
     print(f"[{method}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.max_iters} "
           f"iterations of batch {cfg.batch_size}")
     progress = common.Progress(start, cfg.max_iters, cfg.batch_size, "points/s", clock)
-    curve, log = torch.zeros(3, device=device), torch.zeros(3, device=device)  # sums of (loss, KL, count)
+    log = common.TrainingLog(method, cfg, progress, history, HISTORY_EVERY, path)
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
             group["lr"] = common.lr_at(it, cfg)
@@ -379,30 +354,11 @@ def train(cfg, method, ckpt=None, clock=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(model)
-        stats = torch.stack([loss.detach(), kl.detach().mean(), loss.new_ones(())])
-        curve += stats  # one batch is noisy (w(t) = 1/t): report means, read back only every few iterations
-        log += stats
-        progress.tick(it + 1)
-        last = it == cfg.max_iters - 1
-        point, save = (it + 1) % HISTORY_EVERY == 0 or last, (it + 1) % cfg.ckpt_interval == 0 or last
-        if point or save:  # every loss is checked before a checkpoint holds its update
-            loss_sum, kl_sum, n = common.sum_over_ranks(curve)
-            if not math.isfinite(loss_sum):
-                raise SystemExit(f"[{method}] the loss became {loss_sum / n} by iteration {it + 1}: lower --lr "
-                                 f"(now {cfg.lr}); checkpoints already written are kept")
-            if point:
-                history.append((it + 1, loss_sum / n, kl_sum / n, lam))
-                curve.zero_()
-        if progress.due(it + 1, cfg.log_interval):
-            loss_sum, kl_sum, n = log.tolist()
-            log.zero_()
-            print(f"[{method}] " + progress.line(it + 1, loss=loss_sum / n, kl=kl_sum / n, **{"lambda": lam}))
-        if save:
-            state = common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method), history, rng,
-                                          device)
-            common.save_atomic(state, path)
+        log.add(loss, kl.mean())
+        log.after(it + 1, lam, lambda: common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method),
+                                                             log.history, rng, device))
     ema.copy_to(model)
-    return model.eval(), history, progress.summary(device)
+    return model.eval(), log.history, progress.summary(device)
 
 
 def weight_settings(cfg, method):
@@ -456,7 +412,8 @@ def main(argv=None):
     metrics = common.save_metrics(cfg.out_dir, metrics, methods, method_of)
     plot_samples(os.path.join(cfg.out_dir, "samples.png"), cfg, data_tokens, metrics)
     plot_js(os.path.join(cfg.out_dir, "js.png"), cfg, metrics)
-    plot_training(os.path.join(cfg.out_dir, "training.png"), histories)
+    common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories,
+                         "training loss (objective at lambda), nats per point", "VADD: KL(r || p), nats")
     print_table(cfg, metrics)
     return metrics
 
@@ -483,18 +440,10 @@ def print_table(cfg, metrics):
 # ----------------------------------------------------------------------------------------------------------
 # Plots
 
-def pyplot():
-    """matplotlib without a display, imported only when plotting."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_samples(path, cfg, data_tokens, metrics):
     """2D histograms: the data, then one row per sampler in metrics.json (read back from samples_*.npy, each
     binned as its method was trained)."""
-    plt = pyplot()
+    plt = common.pyplot()
     samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in metrics["by_steps"])]
     size = (max(6, 2 * len(cfg.steps)), 2 + 2 * len(samplers))  # wide enough for the title
     fig, axes = plt.subplots(1 + len(samplers), len(cfg.steps), figsize=size, squeeze=False)
@@ -511,13 +460,11 @@ def plot_samples(path, cfg, data_tokens, metrics):
             if c == 0:
                 ax.set_ylabel("data" if row == "data" else SAMPLERS[row][0].split(" (")[0])
     fig.suptitle(f"{cfg.dataset}: samples after T denoising steps ({cfg.num_samples} points each)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.savefig(fig, path)
 
 
 def plot_js(path, cfg, metrics):
-    plt = pyplot()
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for sampler, (label, _, _) in SAMPLERS.items():
         pts = sorted((r["steps"], r["js"]) for r in metrics["by_steps"] if r["sampler"] == sampler)
@@ -527,33 +474,7 @@ def plot_js(path, cfg, metrics):
     ax.set_xscale("log"), ax.set_yscale("log")
     ax.set_xlabel("denoising steps T"), ax.set_ylabel("JS to reference (nats)"), ax.set_title(cfg.dataset)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_training(path, histories):
-    """Loss of each method; KL and lambda of VADD (a KL falling to 0 is posterior collapse)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for method, h in histories.items():
-        h = np.asarray(h, dtype=float).reshape(-1, 4)
-        axes[0].plot(h[:, 0], h[:, 1], label=method)
-        if method == "vadd":
-            axes[1].plot(h[:, 0], h[:, 2], label=method)
-            axes[2].plot(h[:, 0], h[:, 3], label=method)
-    titles = ["training loss (objective at lambda), nats per point", "VADD: KL(r || p), nats", "VADD: lambda"]
-    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
-    for ax, title, full in zip(axes, titles, drawn):
-        ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
-        if not full:  # say why instead of drawing empty axes
-            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
-                    transform=ax.transAxes)
-    if drawn[0]:
-        axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.savefig(fig, path)
 
 
 if __name__ == "__main__":

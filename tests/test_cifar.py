@@ -381,7 +381,7 @@ def test_fid_path_with_stand_in_features(tmp_path, monkeypatch):
     (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number >= 1"),
     (["--fid", "10"], "--fid 10 needs as many samples"),
     (["--batch-size", "8", "--grad-accum", "3"], "must split evenly"),
-    (["--eval-only", "--resume"], "at most one of"),
+    (["--eval-only", "--resume"], "--resume and --eval-only ask for different runs"),
     (["--lr", "0"], "argument --lr: '0' is not a finite number in (0, inf]"),
     (["--data", "/nonexistent/cifar"], "no data_batch_1.bin there"),
     (["--fid-weights", "/nonexistent/inception.pth"], "no such file"),

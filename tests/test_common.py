@@ -330,3 +330,22 @@ def test_metrics_keep_one_entry_per_method_and_replace_only_what_a_run_computed(
     merged = common.save_metrics(tmp_path, metrics_of("mdm", "mdm", 5.0), ["mdm"], method_of)
     assert set(merged["config"]) == {"mdm"} and "kept as" in capsys.readouterr().out
     assert (tmp_path / "metrics.json.unreadable").read_text() == '{"config": '
+
+
+def test_training_log_averages_each_curve_point_and_stops_on_nan_before_the_next_checkpoint(tmp_path, capsys):
+    cfg = types.SimpleNamespace(max_iters=6, ckpt_interval=2, log_interval=3, lr=1e-3)
+    log = common.TrainingLog("vadd", cfg, common.Progress(0, 6, 1, "x/s"), None, 2, tmp_path / "ckpt.pt", "bpd",
+                             lambda nats: 10 * nats)
+    with pytest.raises(SystemExit, match=r"became nan by iteration 6: lower --lr \(now 0.001\)"):
+        for it, loss in enumerate([1.0, 3.0, 2.0, 4.0, math.nan, 5.0], 1):
+            log.add(torch.tensor(loss), torch.tensor(0.5))
+            log.after(it, 0.1 * it, lambda: {"iter": it})
+    assert log.history["train"] == [(2, 20.0, 0.5, 0.2), (4, 30.0, 0.5, 0.4)]  # means of 2 iterations, x 10
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True) == {"iter": 4}  # not the NaN iterations
+    assert "iter       3/6 | bpd 20 | kl 0.5 | lambda 0.3" in capsys.readouterr().out  # iteration 3 alone
+
+
+def test_checkpoints_of_earlier_versions_keep_their_training_curve(tmp_path):
+    torch.save({"config": {}, "history": [(1, 2.0, 0.0, 0.0)]}, tmp_path / "old.pt")
+    ckpt = common.read_checkpoint(str(tmp_path / "old.pt"), {}, needed=True, resume=False)
+    assert ckpt["history"] == {"train": [(1, 2.0, 0.0, 0.0)], "val": []}

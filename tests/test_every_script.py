@@ -331,3 +331,14 @@ def test_overview_titles_fit_with_one_step_count(name, tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     MODULES[name].main(tiny_args(name, tmp_path, "--method", "mdm", "--max-iters", "2", "--steps", "1"))
     assert all(x0 >= 0 and x1 <= width for x0, x1, width in widths)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_shows_the_default_of_every_training_flag(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        MODULES[name].main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and ("--eval-only" in out) == (name != "toy")
+    shown = {"toy": "(default 6000)", "text": "(gpu: 5000, cpu: 1000)", "mnist": "(gpu: 100000, cpu: 4000)",
+             "cifar": "(gpu: 2000000, cpu: 1000)"}[name]
+    assert f"--max-iters MAX_ITERS training iterations per method {shown}" in out

@@ -346,7 +346,7 @@ def test_eval_only_and_sample_only_use_the_checkpoint(tmp_path):
     (["--lr", "-1"], "argument --lr: '-1' is not a finite number in (0, inf]"),
     (["--lr", "nan"], "argument --lr: 'nan' is not a finite number in (0, inf]"),
     (["--batch-size", "8", "--grad-accum", "3"], "must split evenly"),
-    (["--eval-only", "--sample-only"], "not allowed with argument"),
+    (["--eval-only", "--sample-only"], "--eval-only and --sample-only ask for different runs"),
     (["--data", "/nonexistent/mnist"], "is not a folder"),
 ])
 def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):

@@ -441,7 +441,7 @@ def test_samplers_count_calls_and_reuse_only_where_valid(tmp_path):
     (["--steps", "1,x"], "whole numbers separated by commas"),
     (["--width", "30"], "heads of even size"),
     (["--batch-size", "6", "--grad-accum", "4"], "must be a multiple of"),
-    (["--eval-only", "--sample-only"], "give one of --eval-only and --sample-only"),
+    (["--eval-only", "--sample-only"], "--eval-only and --sample-only ask for different runs"),
     (["--tokenizer", "bpe"], "invalid choice: 'bpe'"),
     (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number >= 1"),
 ])
