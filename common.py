@@ -508,6 +508,18 @@ def prepare_out_dir(cfg, trained, method_of):
         print("--max-iters 0: no training; the networks are evaluated and sampled as initialised")
 
 
+def plan(cfg, settings, samplers):
+    """What a run does, settled before it writes anything: its methods, those it trains (none with --eval-only
+    or --sample-only), each one's checkpoint to resume or evaluate (read_checkpoint; `settings(cfg, method)`
+    gives the flags that shape its weights), the method of each sampler, and the clock of the whole run."""
+    methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
+    trained = [] if getattr(cfg, "eval_only", False) or getattr(cfg, "sample_only", False) else methods
+    checkpoints = {m: read_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{m}.pt"), settings(cfg, m), not trained,
+                                      cfg.resume) for m in methods}
+    left = sum(cfg.max_iters - (c["iter"] if c else 0) for m, c in checkpoints.items() if m in trained)
+    return methods, trained, checkpoints, {s: v[1] for s, v in samplers.items()}, RunClock(left, len(trained))
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -696,6 +708,16 @@ class TrainingLog:
             state = state()
             if not dist.is_initialized() or dist.get_rank() == 0:
                 save_atomic(state, self.path)
+
+
+def likelihood_entry(figures, iw_samples):
+    """A method's entry under "likelihood" in metrics.json: each named figure with its standard error (the
+    (sampler, T) bounds go to the by_steps rows), and the number of draws of the IW-DELBO."""
+    entry = {"iw_samples": iw_samples} if "iw_delbo" in figures else {}
+    for key, (mean, se) in figures.items():
+        if isinstance(key, str):
+            entry[key], entry[key + "_se"] = mean, se
+    return entry
 
 
 def save_metrics(out_dir, metrics, trained, method_of):

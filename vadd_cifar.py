@@ -644,13 +644,8 @@ def main(argv=None):
     cfg = parse_config(argv)
     rank, world = common.setup_ddp(cfg)
     try:
-        methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
-        needed = cfg.eval_only or cfg.sample_only  # evaluate the checkpoints instead of training
-        trained = [] if needed else methods
-        checkpoints = {m: common.read_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{m}.pt"),
-                                                 weight_settings(cfg, m), needed, cfg.resume) for m in methods}
+        methods, trained, checkpoints, method_of, clock = common.plan(cfg, weight_settings, SAMPLERS)
         fid = fid_metric(cfg) if cfg.fid and rank == 0 else None  # rank 0 scores the samples
-        method_of = {s: v[1] for s, v in SAMPLERS.items()}
         if rank > 0:
             dist.barrier()  # rank 0 downloads into the cache and prepares --out-dir first, the others then read
         data = load_cifar(cfg) if not cfg.sample_only or cfg.fid else None
@@ -665,8 +660,6 @@ def main(argv=None):
         metrics = {"unit": "bits per dimension (sub-pixel); KL in nats per image", "config": {}, "likelihood": {},
                    "training": {}, "by_steps": []}
         histories = {}
-        clock = common.RunClock(sum(cfg.max_iters - (c["iter"] if c else 0) for m, c in checkpoints.items()
-                                    if m in trained), len(trained))
         for method in methods:
             if method in trained:
                 model, histories[method], summary = train(cfg, method, data, checkpoints[method], rank, world,
@@ -681,10 +674,7 @@ def main(argv=None):
             if not cfg.sample_only:
                 common.seed_everything(cfg.seed + 3 + 1000 * rank)
                 figures = likelihoods(model, torch.from_numpy(data[2][:cfg.num_eval]).long()[rank::world], cfg)
-                lik = metrics["likelihood"][method] = {"iw_samples": cfg.iw_samples} if method == "vadd" else {}
-                for key, (mean, se) in figures.items():
-                    if isinstance(key, str):
-                        lik[key], lik[key + "_se"] = mean, se
+            metrics["likelihood"][method] = common.likelihood_entry(figures, cfg.iw_samples)
             for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
                 for T in cfg.steps:
                     metrics["by_steps"].append(sample_row(cfg, model, sampler, T, figures, fid, rank, world))

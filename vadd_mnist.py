@@ -620,20 +620,13 @@ def main(argv=None):
     cfg = parse_config(argv)
     rank, world = common.setup_ddp(cfg)
     try:
-        methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
-        trained = [] if cfg.eval_only or cfg.sample_only else methods
-        checkpoints = {m: common.read_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{m}.pt"),
-                                                 weight_settings(cfg, m), needed=not trained, resume=cfg.resume)
-                       for m in methods}
+        methods, trained, checkpoints, method_of, clock = common.plan(cfg, weight_settings, SAMPLERS)
         train_x, val_x, test_x = load_mnist(cfg)
-        method_of = {s: v[1] for s, v in SAMPLERS.items()}
         if rank == 0:  # after the data is checked, before any training
             common.prepare_out_dir(cfg, trained, method_of)
         common.print0(f"MNIST: {len(train_x)} training, {len(val_x)} validation, {len(test_x)} test images "
                       f"of 32 x 32")
         run_start, histories = time.time(), {}
-        clock = common.RunClock(sum(cfg.max_iters - (c["iter"] if c else 0) for m, c in checkpoints.items()
-                                    if m in trained), len(trained))
         metrics = {"unit": "bits per dimension (nats per image / (1024 ln 2))", "config": {}, "likelihood": {},
                    "training": {}, "by_steps": []}
         for method in methods:
@@ -649,12 +642,7 @@ def main(argv=None):
             evaluation_start = time.time()
             common.seed_everything(cfg.seed + 1 + rank)  # each rank its own draws for its share of the test set
             figures = {} if cfg.sample_only else likelihoods(model, test_x[rank::world], cfg)
-            lik = metrics["likelihood"][method] = {}
-            for key, (mean, se) in figures.items():
-                if isinstance(key, str):
-                    lik[key], lik[key + "_se"] = mean, se
-            if method == "vadd" and figures:
-                lik["iw_samples"] = cfg.iw_samples
+            metrics["likelihood"][method] = common.likelihood_entry(figures, cfg.iw_samples)
             if rank:
                 continue  # rank 0 samples alone: cheap next to training
             for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:

@@ -778,17 +778,12 @@ def main(argv=None):
     cfg = parse_config(argv)
     rank, world = common.setup_ddp(cfg)
     try:
-        methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
         train_ids, val_ids, meta = load_data(cfg, rank)
         cfg.vocab_size, cfg.tokenizer = meta["vocab_size"], meta.get("tokenizer", "ids")
-        no_training = cfg.eval_only or cfg.sample_only
-        checkpoints = {m: common.read_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{m}.pt"),
-                                                 weight_settings(cfg, m), needed=no_training, resume=cfg.resume)
-                       for m in methods}
+        methods, trained, checkpoints, method_of, clock = common.plan(cfg, weight_settings, SAMPLERS)
         decode = decoder(meta)
-        method_of = {s: v[1] for s, v in SAMPLERS.items()}
         if rank == 0:
-            common.prepare_out_dir(cfg, [] if no_training else methods, method_of)
+            common.prepare_out_dir(cfg, trained, method_of)
         scorer = load_scorer(cfg) if cfg.eval_model and rank == 0 else None  # before training: fails early
         run_start = time.time()
         val_x0 = eval_windows(val_ids, cfg, rank, world)
@@ -800,10 +795,8 @@ def main(argv=None):
         metrics = {"unit": "nats per token", "data": data, "config": {}, "likelihood": {}, "training": {},
                    "by_steps": [], "bounds": {"mdm_nelbo": True, "delbo": False, "iw_delbo": False}}
         histories = {}
-        iterations = sum(cfg.max_iters - (c["iter"] if c else 0) for c in checkpoints.values())
-        clock = common.RunClock(0 if no_training else iterations, 0 if no_training else len(methods))
         for method in methods:
-            if no_training:
+            if method not in trained:
                 model = Model(cfg, method, cfg.vocab_size).to(cfg.device)
                 model.load_state_dict(checkpoints[method]["ema"]["params"])
                 model.eval()
@@ -816,21 +809,17 @@ def main(argv=None):
             evaluation_start = time.time()
             common.seed_everything(cfg.seed + 1 + rank)
             figures = {} if cfg.sample_only else likelihoods(model, val_x0, cfg)
-            lik = metrics["likelihood"][method] = {"iw_samples": cfg.iw_samples} if "iw_delbo" in figures else {}
-            for key, (mean, se) in figures.items():
-                if isinstance(key, str):
-                    lik[key], lik[key + "_se"] = mean, se
-                if isinstance(key, str) and key != "kl":
-                    lik[key + "_ppl"] = math.exp(mean)
+            lik = metrics["likelihood"][method] = common.likelihood_entry(figures, cfg.iw_samples)
+            lik.update({f"{k}_ppl": math.exp(lik[k]) for k in ("mdm_nelbo", "delbo", "iw_delbo") if k in lik})
             if rank == 0:
                 common.seed_everything(cfg.seed + 2)  # every method's samples from the same noise seed
                 metrics["by_steps"] += sample_rows(model, method, figures, decode, scorer, cfg)
-            if not no_training:
+            if method in trained:
                 clock.method_done(time.time() - evaluation_start)
         if rank != 0:
             return None
         metrics["seconds"] = time.time() - run_start
-        metrics = common.save_metrics(cfg.out_dir, metrics, [] if no_training else methods, method_of)
+        metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
         common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories, "loss (MDM: NELBO; VADD: "
                              "DELBO at lambda), nats/token", "VADD: KL(r || p), nats/sequence")
         plot_bounds(os.path.join(cfg.out_dir, "bounds.png"), metrics["by_steps"])

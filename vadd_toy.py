@@ -372,14 +372,9 @@ def weight_settings(cfg, method):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
-    checkpoints = {m: common.read_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{m}.pt"), weight_settings(cfg, m),
-                                             needed=False, resume=cfg.resume) for m in methods}
-    method_of = {s: v[1] for s, v in SAMPLERS.items()}
+    methods, _, checkpoints, method_of, clock = common.plan(cfg, weight_settings, SAMPLERS)
     common.prepare_out_dir(cfg, methods, method_of)
     run_start = time.time()
-    iterations = sum(cfg.max_iters - (c["iter"] if c else 0) for c in checkpoints.values())
-    clock = common.RunClock(iterations, len(methods))
     reference = reference_distribution(cfg)
     data_tokens = draw_tokens(cfg.dataset, cfg.num_samples, cfg.bins, np.random.default_rng(cfg.seed + 1))
     np.save(os.path.join(cfg.out_dir, "data.npy"), data_tokens)
@@ -394,10 +389,7 @@ def main(argv=None):
         metrics["config"][method], evaluation_start = dict(vars(cfg)), time.time()
         common.seed_everything(cfg.seed + 3)
         figures = likelihoods(model, torch.from_numpy(heldout).to(cfg.device), cfg)
-        lik = metrics["likelihood"][method] = {"iw_samples": cfg.iw_samples} if method == "vadd" else {}
-        for key, (mean, se) in figures.items():
-            if isinstance(key, str):
-                lik[key], lik[key + "_se"] = mean, se
+        metrics["likelihood"][method] = common.likelihood_entry(figures, cfg.iw_samples)
         for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
             for T in cfg.steps:
                 t0 = time.time()
