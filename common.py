@@ -3,8 +3,9 @@ forward masking, time sampling, KL annealing, the reverse step, the likelihood e
 Conventions: tokens are int64 tensors (B, ...) in [0, V) and the mask id [M] is V; t is one time per example;
 denoise(xt, t, z) returns logits xt.shape + (V,) over the real tokens only (z None for MDM); recognize(x0,
 masked) returns the float32 (mean, logvar) of r(z | x0, x_t), each (B, d); likelihoods are nats per example.
-Then the run utilities, which teach nothing about VADD: device, precision, seeding, EMA, flag types, the
-learning rate, DDP, checkpoints, mean and standard error over processes, the progress line, metrics.json.
+Then the run utilities, which teach nothing about VADD: device, precision, seeding, EMA, flags and their types,
+the learning rate, DDP, checkpoints, mean and standard error over processes, the training log with its progress
+line, metrics.json, and the plots every script draws (training curves, figures against the number of steps).
 """
 import argparse
 import contextlib
@@ -779,8 +780,8 @@ def plot_training(path, histories, loss_title, kl_title):
             axes[0].plot(*zip(*history["val"]), marker="o", ls="--", color=line.get_color(),
                          label=f"{method} validation (EMA)")
         if method == "vadd":
-            axes[1].plot(h[:, 0], h[:, 2])
-            axes[2].plot(h[:, 0], h[:, 3])
+            axes[1].plot(h[:, 0], h[:, 2], color=line.get_color())
+            axes[2].plot(h[:, 0], h[:, 3], color=line.get_color())
     drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
     for ax, title, full in zip(axes, [loss_title, kl_title, "VADD: lambda"], drawn):
         ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
@@ -789,4 +790,30 @@ def plot_training(path, histories, loss_title, kl_title):
                     transform=ax.transAxes)
     if drawn[0]:
         axes[0].legend(fontsize=7)
+    savefig(fig, path)
+
+
+def plot_by_steps(path, rows, samplers, panels, lines=(), title=None):
+    """One panel per (key, axis label) in `panels`: each sampler's figure in the by_steps `rows` against the
+    number of denoising steps T (logarithmic; the figure too where it spans more than a factor 10), with error
+    bars where the rows hold key_se, and on the first panel the horizontal reference `lines` (value, label,
+    line style). `samplers` is a script's SAMPLERS."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        values = [r[key] for r in rows if key in r]
+        for sampler, (name, *_) in samplers.items():
+            pts = sorted((r["steps"], r[key], r.get(key + "_se", 0.0)) for r in rows
+                         if r["sampler"] == sampler and key in r)
+            if pts:
+                ax.errorbar(*zip(*pts), marker="o", capsize=2, label=name)
+        if values and min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_yscale("log")
+        ax.set_xscale("log"), ax.set_xlabel("denoising steps T"), ax.set_ylabel(label)
+    for value, label, style in lines:
+        axes[0, 0].axhline(value, color="gray", ls=style, label=label)
+    axes[0, 0].set_title(title or "", fontsize=9)
+    for ax in axes[0]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     savefig(fig, path)

@@ -685,7 +685,9 @@ def main(argv=None):
         metrics["seconds"] = time.time() - run_start
         metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
         plot_overview(os.path.join(cfg.out_dir, "samples.png"), cfg, data[2] if data else None, metrics)
-        plot_by_steps(os.path.join(cfg.out_dir, "by_steps.png"), metrics["by_steps"])
+        panels = [("bound", "valid T-step bound (bits per dim)")]
+        panels += [("fid", "FID")] if any("fid" in r for r in metrics["by_steps"]) else []
+        common.plot_by_steps(os.path.join(cfg.out_dir, "by_steps.png"), metrics["by_steps"], SAMPLERS, panels)
         common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories, "loss (MDM NELBO; VADD DELBO "
                              "at lambda), bits per dim", "VADD: KL(r || p), nats per image")
         print_table(cfg, metrics)
@@ -772,22 +774,6 @@ def plot_overview(path, cfg, data, metrics):
                 axes[r, c].text(-0.08, 0.5, "data" if row == "data" else SAMPLERS[row][0].split(" (")[0],
                                 rotation=90, va="center", ha="right", transform=axes[r, c].transAxes, fontsize=9)
     fig.suptitle("CIFAR-10: samples after T denoising steps", fontsize=10)
-    common.savefig(fig, path)
-
-
-def plot_by_steps(path, rows):
-    """The valid T-step bound (bpd) and, when computed, FID against the number of steps."""
-    plt = common.pyplot()
-    panels = [("bound", "valid T-step bound (bits per dim)")]
-    panels += [("fid", "FID")] if any("fid" in r for r in rows) else []
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        for sampler, (name, _, _) in SAMPLERS.items():
-            pts = sorted((r["steps"], r[key]) for r in rows if r["sampler"] == sampler and key in r)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xscale("log"), ax.set_xlabel("denoising steps T"), ax.set_ylabel(label)
-        ax.legend(fontsize=7)
     common.savefig(fig, path)
 
 

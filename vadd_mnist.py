@@ -665,7 +665,11 @@ def main(argv=None):
         metrics["seconds"] = time.time() - run_start
         metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
         plot_overview(os.path.join(cfg.out_dir, "overview.png"), cfg, spread(test_x, 16).numpy(), metrics)
-        plot_bounds(os.path.join(cfg.out_dir, "bounds.png"), metrics)
+        lines = [(metrics["likelihood"][m][key], label, style) for m, key, label, style in [
+            ("mdm", "mdm_nelbo", "MDM NELBO (continuous time, a bound)", ":"),
+            ("vadd", "delbo", "VADD DELBO (not a bound)", "--")] if key in metrics["likelihood"].get(m, {})]
+        common.plot_by_steps(os.path.join(cfg.out_dir, "bounds.png"), metrics["by_steps"], SAMPLERS,
+                             [("bound", "valid T-step bound, test bits per dim")], lines)
         common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories, "loss (MDM NELBO; VADD DELBO "
                              "at lambda), bits per dim", "VADD: KL(r || p), nats per image")
         print_table(cfg, metrics)
@@ -742,25 +746,6 @@ def plot_overview(path, cfg, data, metrics, per_cell=16):
             if c == 0:
                 ax.set_ylabel("test images" if row == "data" else SAMPLERS[row][0].split(" (")[0])
     fig.suptitle("binarized MNIST: samples after T denoising steps")
-    common.savefig(fig, path)
-
-
-def plot_bounds(path, metrics):
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for sampler, (label, _, _) in SAMPLERS.items():
-        pts = sorted((r["steps"], r["bound"], r["bound_se"]) for r in metrics["by_steps"]
-                     if r["sampler"] == sampler and "bound" in r)
-        if pts:
-            ax.errorbar(*zip(*pts), marker="o", capsize=2, label=f"{label}: valid T-step bound")
-    for method, key, label, style in [("mdm", "mdm_nelbo", "MDM NELBO (continuous time, a bound)", ":"),
-                                      ("vadd", "delbo", "VADD DELBO (not a bound)", "--")]:
-        lik = metrics["likelihood"].get(method, {})
-        if key in lik:
-            ax.axhline(lik[key], color="gray", ls=style, label=label)
-    ax.set_xscale("log"), ax.set_yscale("log")
-    ax.set_xlabel("denoising steps T"), ax.set_ylabel("test bits per dimension")
-    ax.legend(fontsize=7)
     common.savefig(fig, path)
 
 

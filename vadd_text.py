@@ -10,7 +10,7 @@ sampling.
     python vadd_text.py --preset cpu --method both --eval-model none --steps 1,2,4,8,128   # CPU: ~12 min, 2 cores
     torchrun --nproc_per_node 8 vadd_text.py --data openwebtext --method both --max-iters 100000 --kl-warmup 100000
 
-Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main, plots.
+Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main.
 The method: docs/method.md; what all scripts share (schedule, reverse step, bounds, run utilities): common.py.
 """
 import argparse
@@ -822,7 +822,8 @@ def main(argv=None):
         metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
         common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories, "loss (MDM: NELBO; VADD: "
                              "DELBO at lambda), nats/token", "VADD: KL(r || p), nats/sequence")
-        plot_bounds(os.path.join(cfg.out_dir, "bounds.png"), metrics["by_steps"])
+        common.plot_by_steps(os.path.join(cfg.out_dir, "bounds.png"), metrics["by_steps"], SAMPLERS,
+                             [("bound", "valid T-step bound, nats/token")])
         print_table(cfg, metrics)
         return metrics
     finally:
@@ -877,23 +878,6 @@ def print_table(cfg, metrics):
               f"{r['sample_seconds']:7.2f}")
     print(f"\nwrote {cfg.out_dir}/ (metrics.json, samples_*.npy/.txt, training.png, bounds.png) "
           f"in {metrics['seconds']:.0f}s")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Plots
-
-def plot_bounds(path, rows):
-    """Valid T-step bound (nats/token) against T for every sampler: the few-step gap VADD targets."""
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for sampler, (label, _, _) in SAMPLERS.items():
-        pts = sorted((r["steps"], r["bound"]) for r in rows if r["sampler"] == sampler and "bound" in r)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set_xscale("log"), ax.set_xlabel("denoising steps T"), ax.set_ylabel("valid T-step bound, nats/token")
-    if ax.lines:
-        ax.legend(fontsize=7)
-    common.savefig(fig, path)
 
 
 if __name__ == "__main__":

@@ -157,8 +157,6 @@ def stage_runs(name, method, argv, out_dir, smoke, cuda, counter):
     module = MODULES[name]
     common_argv = argv + ["--method", method, "--out-dir", out_dir, "--log-interval", "10",
                           "--ckpt-interval", "10"]
-    if name == "toy":
-        common_argv += ["--cache-dir", os.path.join(out_dir, "cache")]
     if not cuda:
         common_argv += ["--device", "cpu", "--compile", "--dtype", "bfloat16"]
     if cuda:

@@ -17,7 +17,7 @@ def tiny_args(tmp_path, *extra):
     return ["--max-iters", "30", "--batch-size", "64", "--width", "32", "--depth", "1", "--bins", "16",
             "--num-samples", "400", "--num-eval", "200", "--iw-samples", "4", "--ref-points", "50000",
             "--steps", "1,2", "--log-interval", "10", "--ckpt-interval", "10",
-            "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *extra]
+            "--out-dir", str(tmp_path / "out"), *extra]
 
 
 def trained(tmp_path, method, iters=300, bins=8):
@@ -224,7 +224,7 @@ def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
         toy.main(tiny_args(tmp_path, *extra))
     assert e.value.code == 2 and message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_out_dir_under_a_regular_file_is_refused(tmp_path, capsys):
@@ -232,7 +232,7 @@ def test_out_dir_under_a_regular_file_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         toy.main(tiny_args(tmp_path, "--out-dir", str(tmp_path / "file" / "out")))
     assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
-    assert (tmp_path / "file").read_text() == "not a folder" and not (tmp_path / "cache").exists()
+    assert (tmp_path / "file").read_text() == "not a folder"
 
 
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):
