@@ -484,8 +484,8 @@ def print0(*args):
 
 def prepare_out_dir(cfg, trained, method_of):
     """Before any training: --out-dir must be a writable folder, and a run of a method this run trains may be
-    there only with --resume (continue it) or --overwrite (replace it: its checkpoint and samples go first, so
-    nothing stale stays beside the new ones). `method_of` maps each sampler to its method."""
+    there only with --resume (continue it) or --overwrite (replace it: its checkpoint, samples and figures in
+    metrics.json go first, so nothing stale stays beside the new ones). `method_of` maps samplers to methods."""
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         probe = os.path.join(cfg.out_dir, f".probe{os.getpid()}")
@@ -503,6 +503,9 @@ def prepare_out_dir(cfg, trained, method_of):
             patterns = [f"ckpt_{method}.pt"] + [f"samples_{s}_T*" for s, m in method_of.items() if m == method]
             for path in [p for pattern in patterns for p in glob.glob(os.path.join(cfg.out_dir, pattern))]:
                 os.remove(path)
+            if os.path.exists(os.path.join(cfg.out_dir, "metrics.json")):  # nor its figures, should the run stop
+                save_metrics(cfg.out_dir, {"config": {}, "likelihood": {}, "training": {}, "by_steps": []},
+                             [method], method_of)
         elif cfg.resume and not os.path.exists(ckpt):
             print(f"--resume: {cfg.out_dir} holds no ckpt_{method}.pt, so {method} starts from scratch")
     if trained and cfg.max_iters == 0:
@@ -736,7 +739,7 @@ def save_metrics(out_dir, metrics, trained, method_of):
         except (OSError, ValueError) as e:  # the run's figures matter more than an unreadable old file
             os.replace(path, f"{path}.unreadable")
             print0(f"{path} could not be read ({e.__class__.__name__}): kept as {path}.unreadable, written anew")
-    merged = dict(metrics)
+    merged = {**{k: v for k, v in old.items() if k not in ("config", "likelihood", "training")}, **metrics}
     for part in ("config", "likelihood", "training"):
         kept = {m: v for m, v in old.get(part, {}).items() if m not in trained}
         merged[part] = {**kept, **{m: {**kept.get(m, {}), **v} for m, v in metrics[part].items()}}

@@ -349,3 +349,17 @@ def test_checkpoints_of_earlier_versions_keep_their_training_curve(tmp_path):
     torch.save({"config": {}, "history": [(1, 2.0, 0.0, 0.0)]}, tmp_path / "old.pt")
     ckpt = common.read_checkpoint(str(tmp_path / "old.pt"), {}, needed=True, resume=False)
     assert ckpt["history"] == {"train": [(1, 2.0, 0.0, 0.0)], "val": []}
+
+
+def test_overwrite_drops_the_replaced_methods_files_and_figures_before_training(tmp_path):
+    method_of = {"mdm": "mdm", "vadd": "vadd", "vadd_cs": "vadd"}
+    common.save_metrics(tmp_path, metrics_of("mdm", "mdm", 1.0), ["mdm"], method_of)
+    common.save_metrics(tmp_path, metrics_of("vadd", "vadd_cs", 2.0), ["vadd"], method_of)
+    for name in ("ckpt_vadd.pt", "samples_vadd_cs_T1.npy", "ckpt_mdm.pt", "samples_mdm_T1.npy"):
+        (tmp_path / name).write_text("")
+    cfg = types.SimpleNamespace(out_dir=str(tmp_path), resume=False, overwrite=True, max_iters=10)
+    common.prepare_out_dir(cfg, ["vadd"], method_of)  # a run that stops now leaves nothing of the old vadd
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_mdm.pt", "metrics.json", "samples_mdm_T1.npy"]
+    kept = json.loads((tmp_path / "metrics.json").read_text())
+    assert kept["likelihood"] == {"mdm": {"nelbo": 1.0}} and kept["unit"] == "nats"
+    assert [(r["sampler"], r["steps"]) for r in kept["by_steps"]] == [("mdm", 1), ("mdm", 2)]
