@@ -347,6 +347,10 @@ def choose_preset(args, cpu_run):
     return args.preset
 
 
+TRAINING_DEFAULTS = dict(method="both", grad_accum=1, grad_clip=1.0, kl_start=0.0, schedule="loglinear",
+                         objective="delbo", train_steps="1,2,4,8", seed=0, device="auto")
+
+
 def add_training_flags(p, defaults, presets=None, evaluation=True):
     """The flags of training and running that every script has. `defaults` holds this script's defaults;
     `presets` ({name: {flag: value}}) fills the flags it names, and their --help shows every preset's value.
@@ -371,8 +375,8 @@ def add_training_flags(p, defaults, presets=None, evaluation=True):
     a("--lr", type=number(0, open_low=True), help="peak learning rate of AdamW")
     a("--warmup-iters", type=whole(0), help="linear learning-rate warm-up, then cosine decay to lr/10")
     a("--grad-clip", type=number(0, open_low=True), help="gradient-norm clipping")
-    a("--ema", type=number(0, 1, open_high=True), help="EMA decay of the evaluated and sampled weights (0: off)")
-    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1 (default max-iters/2)")
+    a("--ema", type=number(0, 1, open_high=True), help="EMA decay of the evaluated and sampled weights (0: none)")
+    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1; unset: half of --max-iters")
     a("--kl-start", type=number(0, 1), help="lambda at iteration 0")
     a("--schedule", choices=SCHEDULES, help="masking schedule alpha(t)")
     a("--objective", choices=("delbo", "steps"),
@@ -393,10 +397,6 @@ def add_training_flags(p, defaults, presets=None, evaluation=True):
     if evaluation:
         a("--eval-interval", type=whole(), help="iterations between validation figures (EMA weights, and the end)")
     a("--ckpt-interval", type=whole(), help="iterations between checkpoints (and one at the end)")
-
-
-TRAINING_DEFAULTS = dict(method="both", grad_accum=1, grad_clip=1.0, kl_start=0.0, schedule="loglinear",
-                         objective="delbo", train_steps="1,2,4,8", seed=0, device="auto")
 
 
 def finish_config(cfg, parser, folders):
@@ -695,8 +695,9 @@ class TrainingLog:
         point, save = it % self.every == 0 or last, it % self.cfg.ckpt_interval == 0 or last
         if point or save:
             *sums, n = sum_over_ranks(self.curve)
-            if not all(math.isfinite(s) for s in sums):
-                raise SystemExit(f"[{self.method}] the loss (or its KL or gradient) became {sums[0] / n} by "
+            bad = [s / n for s in sums if not math.isfinite(s)]
+            if bad:
+                raise SystemExit(f"[{self.method}] the loss (or its KL or gradient) became {bad[0]} by "
                                  f"iteration {it}: lower --lr (now {self.cfg.lr}); checkpoints already written "
                                  f"are kept")
             if point:
