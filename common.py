@@ -347,6 +347,14 @@ def choose_preset(args, cpu_run):
     return args.preset
 
 
+def preset_values(key, presets, default=None):
+    """For --help: ' (gpu: a, cpu: b)', each preset's value of flag `key` (`default` where a preset leaves it
+    unset), or '' when no preset sets it."""
+    if not any(key in values for values in presets.values()):
+        return ""
+    return " (" + ", ".join(f"{name}: {values.get(key, default)}" for name, values in presets.items()) + ")"
+
+
 TRAINING_DEFAULTS = dict(method="both", grad_accum=1, grad_clip=1.0, kl_start=0.0, schedule="loglinear",
                          objective="delbo", train_steps="1,2,4,8", seed=0, device="auto")
 
@@ -359,12 +367,10 @@ def add_training_flags(p, defaults, presets=None, evaluation=True):
 
     def a(flag, help, **kw):
         key = flag[2:].replace("-", "_")
-        if key in (presets or {}).get("cpu", {}):
-            help += " (" + ", ".join(f"{name}: {values.get(key, defaults.get(key))}"
-                                      for name, values in presets.items()) + ")"
-        elif defaults.get(key) is not None:
-            help += " (default %(default)s)"
-        p.add_argument(flag, default=defaults.get(key), help=help, **kw)
+        note = preset_values(key, presets or {}, defaults.get(key))
+        if not note and defaults.get(key) is not None:
+            note = " (default %(default)s)"
+        p.add_argument(flag, default=defaults.get(key), help=help + note, **kw)
 
     a("--method", choices=("mdm", "vadd", "both"),
       help="train MDM, VADD, or both one after the other with the same seed, data and budget")
@@ -503,11 +509,12 @@ def prepare_out_dir(cfg, trained, method_of):
             patterns = [f"ckpt_{method}.pt"] + [f"samples_{s}_T*" for s, m in method_of.items() if m == method]
             for path in [p for pattern in patterns for p in glob.glob(os.path.join(cfg.out_dir, pattern))]:
                 os.remove(path)
-            if os.path.exists(os.path.join(cfg.out_dir, "metrics.json")):  # nor its figures, should the run stop
-                save_metrics(cfg.out_dir, {"config": {}, "likelihood": {}, "training": {}, "by_steps": []},
-                             [method], method_of)
         elif cfg.resume and not os.path.exists(ckpt):
             print(f"--resume: {cfg.out_dir} holds no ckpt_{method}.pt, so {method} starts from scratch")
+    if cfg.overwrite and trained and os.path.exists(os.path.join(cfg.out_dir, "metrics.json")):
+        # nor their figures, should the run stop early
+        save_metrics(cfg.out_dir, {"config": {}, "likelihood": {}, "training": {}, "by_steps": []}, trained,
+                     method_of)
     if trained and cfg.max_iters == 0:
         print("--max-iters 0: no training; the networks are evaluated and sampled as initialised")
 
@@ -682,14 +689,18 @@ class TrainingLog:
         self.curve += stats
         self.recent += stats
 
+    def validation_due(self, it):
+        """Whether validation runs after iteration `it`: every --eval-interval, and after the last."""
+        return it % self.cfg.eval_interval == 0 or it == self.cfg.max_iters
+
     def validated(self, it, loss, name, unit):
         """A validation figure of the EMA weights at lambda 1 (`loss` already in its unit)."""
         self.history["val"].append((it, loss))
         print0(f"[{self.method}] iter {it:7d} | validation {name} {loss:.4f} {unit} (EMA weights, lambda 1)")
 
-    def after(self, it, lam, state):
-        """After iteration `it` (counted from 1) at KL weight `lam`; `state()` makes the checkpoint when one is
-        due (on every rank: it is a collective under DDP) and rank 0 writes it."""
+    def after(self, it, lam, make_state):
+        """After iteration `it` (counted from 1) at KL weight `lam`; `make_state()` makes the checkpoint when one
+        is due (on every rank: it is a collective under DDP) and rank 0 writes it."""
         self.progress.tick(it)
         last = it == self.cfg.max_iters
         point, save = it % self.every == 0 or last, it % self.cfg.ckpt_interval == 0 or last
@@ -710,7 +721,7 @@ class TrainingLog:
             line = self.progress.line(it, **figures)
             print0(f"[{self.method}] {line}{self.suffix(it) if self.suffix else ''}")
         if save:
-            state = state()
+            state = make_state()
             if not dist.is_initialized() or dist.get_rank() == 0:
                 save_atomic(state, self.path)
 

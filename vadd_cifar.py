@@ -59,10 +59,7 @@ def build_parser():
     whole, number = common.whole, common.number
 
     def a(flag, *args, help="", **kw):  # flags a preset fills show both presets' values in --help
-        key = flag[2:].replace("-", "_")
-        if key in PRESETS["gpu"]:
-            help += f" (gpu: {PRESETS['gpu'][key]}, cpu: {PRESETS['cpu'][key]})"
-        p.add_argument(flag, *args, help=help, **kw)
+        p.add_argument(flag, *args, help=help + common.preset_values(flag[2:].replace("-", "_"), PRESETS), **kw)
 
     a("--preset", choices=tuple(PRESETS), help="defaults for every flag left unset (default: gpu where CUDA is, "
       "else cpu)")
@@ -617,7 +614,7 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
         opt.zero_grad(set_to_none=True)
         ema.update(model)
         log.add(*figures)
-        if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:  # the EMA weights, at lambda 1
+        if log.validation_due(it + 1):  # the EMA weights, at lambda 1
             ema.copy_to(evaluator)
             chunks = val_images[rank::world].split(min(cfg.eval_batch, common.rows_per_call(D, V)))
             with torch.no_grad(), common.autocast(device, cfg.dtype):

@@ -593,7 +593,7 @@ def train(cfg, method, data, ckpt, rank, world, clock=None):
         opt.zero_grad(set_to_none=True)
         ema.update(model)
         log.add(*figures)
-        if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:  # on the EMA weights, at lambda 1
+        if log.validation_due(it + 1):  # on the EMA weights, at lambda 1
             ema.copy_to(evaluator)
             log.validated(it + 1, validate(evaluator, val_x[rank::world], cfg),
                           "DELBO" if method == "vadd" else "NELBO", "bpd")

@@ -745,7 +745,7 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
         opt.zero_grad(set_to_none=True)
         ema.update(model)
         log.add(*figures, norm)
-        if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:  # one batch per rank, at lambda 1
+        if log.validation_due(it + 1):  # one batch per rank, at lambda 1
             ema.copy_to(evaluator)
             with torch.no_grad(), common.autocast(device, cfg.dtype):
                 x = val_x0[:min(cfg.eval_batch, common.rows_per_call(cfg.block_size, model.mask_id))].to(device)
