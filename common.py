@@ -3,14 +3,13 @@ forward masking, time sampling, KL annealing, the reverse step, the likelihood e
 Conventions: tokens are int64 tensors (B, ...) in [0, V) and the mask id [M] is V; t is one time per example;
 denoise(xt, t, z) returns logits xt.shape + (V,) over the real tokens only (z None for MDM); recognize(x0,
 masked) returns the float32 (mean, logvar) of r(z | x0, x_t), each (B, d); likelihoods are nats per example.
-Then the run utilities, which teach nothing about VADD: device, precision, seeding, EMA, flags and their types,
-the learning rate, DDP, checkpoints, mean and standard error over processes, the training log with its progress
-line, metrics.json, and the plots every script draws (training curves, figures against the number of steps).
+Then the run utilities, which teach nothing about VADD: device, precision, seeding, EMA, flags, the learning
+rate, DDP, mean and standard error over processes, checkpoints, the training figures with their progress line,
+metrics.json, and the two plots every script draws (training curves, figures against the number of steps).
 """
 import argparse
 import contextlib
 import datetime
-import glob
 import json
 import math
 import os
@@ -194,10 +193,6 @@ def step_bound(x0, denoise, schedule, mask_id, T, recognize=None, sampler="mdm",
     (a fresh z at every step) or 'vadd_cs' (one z ~ r(z | x0, everything masked) for all steps, its KL paid
     once); >= the sampler's true NLL whatever the networks are. exact=True sums all T steps (T calls);
     exact=False is the unbiased estimate T * (the term of one step drawn per example), one call."""
-    if sampler not in ("mdm", "vadd", "vadd_cs"):
-        raise ValueError(f"unknown sampler {sampler!r}")
-    if sampler != "mdm" and recognize is None:
-        raise ValueError(f"the {sampler} bound needs the recognition model")
     B, z, total = x0.shape[0], None, torch.zeros(x0.shape[0], device=x0.device)
     if sampler == "vadd_cs":
         mean, logvar = recognize(x0, torch.ones_like(x0, dtype=torch.bool))
@@ -261,7 +256,7 @@ def pick_device(name="auto"):
 
 def autocast(device, dtype):
     """bf16 autocast for the networks (softmax, losses and KL are taken in float32 by the code above); float16
-    is not offered: it overflows the large negative logits used for [M]."""
+    is not offered: its range (up to 65504) is too narrow for logits and their gradients without loss scaling."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
 
@@ -272,8 +267,8 @@ def seed_everything(seed):
 
 
 class EMA:
-    """Exponential moving average of the weights, used for evaluation and sampling. The decay
-    min(decay, (1 + k)/(10 + k)) lets short runs move off the initialisation; decay 0 tracks the weights."""
+    """Exponential moving average of the weights, used for evaluation and sampling. The decay at update k,
+    min(decay, (1 + k)/(10 + k)), lets short runs move off the initialisation; decay 0 tracks the weights."""
 
     def __init__(self, model, decay):
         self.decay, self.steps = decay, 0
@@ -303,28 +298,32 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Flags: argparse types that refuse a bad value with one sentence, and what every script derives from them
+# Flags: argparse types that refuse a bad value with one sentence, and the flags every script shares
 
-def whole(low=1):
-    """argparse type: a whole number >= low."""
+def parser(doc):
+    """A parser whose errors take two lines: the usage line, then the sentence that matters."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   usage="%(prog)s [options]; --help lists them")
+
+
+def whole(low=1, high=math.inf):
+    """argparse type: a whole number from low to high."""
     def parse(text):
-        if not text.strip().lstrip("-").isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {low}")
+        if not text.strip().lstrip("-").isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to {high}")
         return int(text)
     return parse
 
 
-def number(low, high=math.inf, open_low=False, open_high=False):
-    """argparse type: a finite number between low and high (open_*: that end excluded); NaN is refused."""
+def number(low, high=math.inf):
+    """argparse type: a finite number from low to high; NaN and infinity are refused."""
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        inside = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
-        if not (inside and math.isfinite(value)):  # NaN fails every comparison
-            interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {interval}")
+        if not (low <= value <= high and math.isfinite(value)):  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number from {low} to {high}")
         return value
     return parse
 
@@ -347,30 +346,18 @@ def choose_preset(args, cpu_run):
     return args.preset
 
 
-def preset_values(key, presets, default=None):
-    """For --help: ' (gpu: a, cpu: b)', each preset's value of flag `key` (`default` where a preset leaves it
-    unset), or '' when no preset sets it."""
-    if not any(key in values for values in presets.values()):
-        return ""
-    return " (" + ", ".join(f"{name}: {values.get(key, default)}" for name, values in presets.items()) + ")"
+def add_training_flags(p, defaults, preset_keys=(), evaluation=True):
+    """The flags of training and running that every script has, with this script's `defaults`; a flag in
+    `preset_keys` takes its default from --preset. evaluation=False (toy) leaves out gradient accumulation,
+    validation and --eval-only / --sample-only."""
+    defaults = {"method": "both", "grad_accum": 1, "grad_clip": 1.0, "kl_start": 0.0, "schedule": "loglinear",
+                "objective": "delbo", "train_steps": "1,2,4,8", "seed": 0, "device": "auto", **defaults}
 
-
-TRAINING_DEFAULTS = dict(method="both", grad_accum=1, grad_clip=1.0, kl_start=0.0, schedule="loglinear",
-                         objective="delbo", train_steps="1,2,4,8", seed=0, device="auto")
-
-
-def add_training_flags(p, defaults, presets=None, evaluation=True):
-    """The flags of training and running that every script has. `defaults` holds this script's defaults;
-    `presets` ({name: {flag: value}}) fills the flags it names, and their --help shows every preset's value.
-    evaluation=False (toy) leaves out gradient accumulation, validation and --eval-only / --sample-only."""
-    defaults = {**TRAINING_DEFAULTS, **defaults}
-
-    def a(flag, help, **kw):
+    def a(flag, help, to=p, **kw):
         key = flag[2:].replace("-", "_")
-        note = preset_values(key, presets or {}, defaults.get(key))
-        if not note and defaults.get(key) is not None:
-            note = " (default %(default)s)"
-        p.add_argument(flag, default=defaults.get(key), help=help + note, **kw)
+        shown = "from --preset" if key in preset_keys else "%(default)s"
+        shown = "" if key not in preset_keys and defaults.get(key) is None else f" (default {shown})"
+        to.add_argument(flag, default=defaults.get(key), help=help + shown, **kw)
 
     a("--method", choices=("mdm", "vadd", "both"),
       help="train MDM, VADD, or both one after the other with the same seed, data and budget")
@@ -378,42 +365,36 @@ def add_training_flags(p, defaults, presets=None, evaluation=True):
     a("--batch-size", type=whole(), help="examples per iteration, over all processes and micro-batches")
     if evaluation:
         a("--grad-accum", type=whole(), help="micro-batches per iteration on each process")
-    a("--lr", type=number(0, open_low=True), help="peak learning rate of AdamW")
+    a("--lr", type=number(0), help="peak learning rate of AdamW")
     a("--warmup-iters", type=whole(0), help="linear learning-rate warm-up, then cosine decay to lr/10")
-    a("--grad-clip", type=number(0, open_low=True), help="gradient-norm clipping")
-    a("--ema", type=number(0, 1, open_high=True), help="EMA decay of the evaluated and sampled weights (0: none)")
-    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1; unset: half of --max-iters")
+    a("--grad-clip", type=number(0), help="gradient-norm clipping")
+    a("--ema", type=number(0, 1), help="EMA decay of the evaluated and sampled weights (0: none)")
+    a("--kl-warmup", type=whole(0), help="iterations over which lambda rises to 1 (default half of --max-iters)")
     a("--kl-start", type=number(0, 1), help="lambda at iteration 0")
     a("--schedule", choices=SCHEDULES, help="masking schedule alpha(t)")
     a("--objective", choices=("delbo", "steps"),
       help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
            "consistency sampler (MDM: of the K-step sampler), docs/method.md")
     a("--train-steps", type=counts, help="budgets K of --objective steps, drawn one per example")
-    a("--seed", type=int, help="seeds training, data and sampling (the same for both methods)")
+    a("--seed", type=whole(0, 2**32 - 1), help="seeds training, data and sampling (the same for both methods)")
     a("--device", help="auto, cpu, cuda, cuda:N (torchrun: each process takes its local GPU)")
-    a("--dtype", choices=("float32", "bfloat16"), help="autocast dtype (default bf16 on CUDA)")
-    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default on CUDA)")
-    a("--out-dir", help="output folder (by default named after the script and the data)")
-    a("--resume", action="store_true", help="continue from ckpt_<method>.pt in --out-dir")
-    a("--overwrite", action="store_true", help="replace a run of the same method in --out-dir")
+    a("--dtype", choices=("float32", "bfloat16"), help="autocast dtype (default float32 on CPU, bfloat16 on CUDA)")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile (default off on CPU, on on CUDA)")
+    a("--out-dir", help="output folder (default named after the script and the data)")
+    modes = p.add_mutually_exclusive_group()  # each asks for a different run
+    a("--resume", to=modes, action="store_true", help="continue from ckpt_<method>.pt in --out-dir")
     if evaluation:
-        a("--eval-only", action="store_true", help="no training: evaluate and sample from ckpt_<method>.pt")
-        a("--sample-only", action="store_true", help="no training and no likelihoods: sample from the checkpoint")
+        a("--eval-only", to=modes, action="store_true", help="no training: evaluate and sample the checkpoints")
+        a("--sample-only", to=modes, action="store_true", help="no training and no likelihoods: sample only")
     a("--log-interval", type=whole(), help="iterations between progress lines")
     if evaluation:
         a("--eval-interval", type=whole(), help="iterations between validation figures (EMA weights, and the end)")
     a("--ckpt-interval", type=whole(), help="iterations between checkpoints (and one at the end)")
 
 
-def finish_config(cfg, parser, folders):
+def finish_config(cfg, parser):
     """What every script derives after parsing: the device, bf16 and torch.compile on CUDA only (unless
-    given), lambda's warm-up over half the run (unless given), and folders that can be created."""
-    given = [f"--{k.replace('_', '-')}" for k in ("resume", "overwrite", "eval_only", "sample_only")
-             if getattr(cfg, k, False)]
-    if len(given) > 1:
-        parser.error(f"{' and '.join(given)} ask for different runs (--resume continues the run in --out-dir, "
-                     f"--overwrite replaces it, --eval-only and --sample-only read its checkpoints): give one "
-                     f"of them")
+    given), and lambda's warm-up over half the run (unless given)."""
     try:
         cfg.device = str(pick_device(cfg.device))
     except (ValueError, RuntimeError) as e:
@@ -422,12 +403,6 @@ def finish_config(cfg, parser, folders):
     cfg.dtype = cfg.dtype or ("bfloat16" if cuda else "float32")
     cfg.compile = cuda if cfg.compile is None else cfg.compile
     cfg.kl_warmup = cfg.max_iters // 2 if cfg.kl_warmup is None else cfg.kl_warmup
-    for folder in folders:
-        existing = os.path.abspath(folder)
-        while not os.path.exists(existing):  # the deepest part of the path that exists must be a folder
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            parser.error(f"cannot create folder {folder!r}: {existing!r} is a file, not a folder")
     return cfg
 
 
@@ -459,25 +434,22 @@ def teardown_ddp():
         dist.destroy_process_group()
 
 
-def mean_se(values, device="cpu"):
-    """Mean and standard error of per-example values (a tensor or a list of them), over every rank."""
-    x = (torch.cat(values) if isinstance(values, (list, tuple)) else values).double().flatten()
-    s = torch.stack([x.sum(), (x * x).sum(), torch.tensor(float(len(x)), dtype=torch.float64, device=x.device)])
-    s = s.to(device)
-    if dist.is_initialized():
-        dist.all_reduce(s)
-    mean = s[0] / s[2]
-    var = (s[1] / s[2] - mean ** 2) * s[2] / (s[2] - 1) if s[2] > 1 else torch.zeros_like(mean)
-    return float(mean), float(var.clamp_min(0).sqrt() / s[2].sqrt())
-
-
 def sum_over_ranks(sums):
-    """A tensor of statistic sums added over every rank, as floats: a NaN then stops every rank alike (one rank
-    stopping alone would leave the others waiting)."""
+    """A tensor of sums added over every rank, as floats: every rank sees the same (and stops on the same NaN)."""
     sums = sums.clone()
     if dist.is_initialized():
         dist.all_reduce(sums)
     return sums.tolist()
+
+
+def mean_se(values, device="cpu"):
+    """Mean and standard error of per-example values (a tensor or a list of them), over every rank."""
+    x = (torch.cat(values) if isinstance(values, (list, tuple)) else values).double().flatten()
+    n, total, squares = sum_over_ranks(torch.stack([torch.tensor(float(len(x)), dtype=torch.float64),
+                                                    x.sum().cpu(), (x * x).sum().cpu()]).to(device))
+    mean = total / n
+    var = max(0.0, (squares / n - mean ** 2) * n / (n - 1)) if n > 1 else 0.0
+    return mean, math.sqrt(var) / math.sqrt(n)
 
 
 def print0(*args):
@@ -488,10 +460,8 @@ def print0(*args):
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: written atomically with every random state; refused when the weights' settings differ
 
-def prepare_out_dir(cfg, trained, method_of):
-    """Before any training: --out-dir must be a writable folder, and a run of a method this run trains may be
-    there only with --resume (continue it) or --overwrite (replace it: its checkpoint, samples and figures in
-    metrics.json go first, so nothing stale stays beside the new ones). `method_of` maps samplers to methods."""
+def make_out_dir(cfg):
+    """--out-dir must be a folder this run can write to, found out before any training."""
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         probe = os.path.join(cfg.out_dir, f".probe{os.getpid()}")
@@ -500,35 +470,6 @@ def prepare_out_dir(cfg, trained, method_of):
     except OSError as e:
         raise SystemExit(f"--out-dir {cfg.out_dir} is not a folder this run can write to ({e.strerror}): "
                          f"choose another") from None
-    for method in trained:
-        ckpt = os.path.join(cfg.out_dir, f"ckpt_{method}.pt")
-        if os.path.exists(ckpt) and not (cfg.resume or cfg.overwrite):
-            raise SystemExit(f"{cfg.out_dir} already holds a {method} run ({ckpt}): pass --resume to continue it "
-                             f"or --overwrite to replace it")
-        if cfg.overwrite:
-            patterns = [f"ckpt_{method}.pt"] + [f"samples_{s}_T*" for s, m in method_of.items() if m == method]
-            for path in [p for pattern in patterns for p in glob.glob(os.path.join(cfg.out_dir, pattern))]:
-                os.remove(path)
-        elif cfg.resume and not os.path.exists(ckpt):
-            print(f"--resume: {cfg.out_dir} holds no ckpt_{method}.pt, so {method} starts from scratch")
-    if cfg.overwrite and trained and os.path.exists(os.path.join(cfg.out_dir, "metrics.json")):
-        # nor their figures, should the run stop early
-        save_metrics(cfg.out_dir, {"config": {}, "likelihood": {}, "training": {}, "by_steps": []}, trained,
-                     method_of)
-    if trained and cfg.max_iters == 0:
-        print("--max-iters 0: no training; the networks are evaluated and sampled as initialised")
-
-
-def plan(cfg, settings, samplers):
-    """What a run does, settled before it writes anything: its methods, those it trains (none with --eval-only
-    or --sample-only), each one's checkpoint to resume or evaluate (read_checkpoint; `settings(cfg, method)`
-    gives the flags that shape its weights), the method of each sampler, and the clock of the whole run."""
-    methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
-    trained = [] if getattr(cfg, "eval_only", False) or getattr(cfg, "sample_only", False) else methods
-    checkpoints = {m: read_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{m}.pt"), settings(cfg, m), not trained,
-                                      cfg.resume) for m in methods}
-    left = sum(cfg.max_iters - (c["iter"] if c else 0) for m, c in checkpoints.items() if m in trained)
-    return methods, trained, checkpoints, {s: v[1] for s, v in samplers.items()}, RunClock(left, len(trained))
 
 
 def save_atomic(obj, path):
@@ -565,16 +506,21 @@ def resume(ckpt, model, opt, ema, rng, device, rank, world, seed):
     return ckpt["iter"], ckpt["history"]
 
 
-def read_checkpoint(path, settings, needed, resume):
-    """The checkpoint to continue from (resume) or to evaluate (needed), else None. One missing where needed,
-    unreadable, or trained with other `settings` stops the run with one sentence naming each difference."""
+def read_checkpoint(cfg, method, settings, train):
+    """The checkpoint of `method` in --out-dir to continue from (--resume) or to evaluate (train False), else
+    None. A run of a method this run trains is continued only with --resume, never replaced (nothing is
+    deleted); one missing where needed, unreadable, or trained with other `settings` stops with one sentence."""
+    path = os.path.join(cfg.out_dir, f"ckpt_{method}.pt")
     if not os.path.exists(path):
-        if needed:
+        if not train:
             raise SystemExit(f"{path} does not exist: train first (without --eval-only or --sample-only), or "
                              f"point --out-dir at the run's folder")
+        if cfg.resume:
+            print0(f"--resume: {cfg.out_dir} holds no ckpt_{method}.pt, so {method} starts from scratch")
         return None
-    if not (resume or needed):
-        return None
+    if train and not cfg.resume:
+        raise SystemExit(f"{cfg.out_dir} already holds a {method} run ({path}): pass --resume to continue it, or "
+                         f"remove the folder or choose another --out-dir to start afresh")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -584,72 +530,44 @@ def read_checkpoint(path, settings, needed, resume):
               if saved.get(k) != v]
     if differ:
         raise SystemExit(f"{path} was trained with {', '.join(differ)}: pass the same flags, or another --out-dir")
-    if isinstance(ckpt["history"], list):  # written before validation figures were kept: the curve alone
-        ckpt["history"] = {"train": ckpt["history"], "val": []}
     return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reporting: progress lines and metrics.json
+# Reporting: the training figures, metrics.json, the two plots every script draws
 
-HEARTBEAT_SECONDS = 5.0
+class Meter:
+    """A training loop's figures (loss, KL, ...): summed on the device at every iteration and read back only
+    when a progress line or a curve point is due (a read waits for the GPU). A figure that is not finite stops
+    the run when it is read, before the next checkpoint. The rate leaves out the first iteration (compilation)."""
 
+    def __init__(self, method, start, total, items_per_iter, unit):
+        self.method, self.start, self.total, self.items, self.unit = method, start, total, items_per_iter, unit
+        self.sums, self.t0, self.t1 = {}, time.time(), None
 
-class Heartbeat:
-    """A line at least every HEARTBEAT_SECONDS through a long stage (evaluation, sampling): what, how far."""
+    def add(self, *figures):
+        x = torch.stack([f.detach().float() for f in figures] + [torch.ones_like(figures[0]).float()])
+        self.sums = {key: self.sums.get(key, 0) + x for key in ("line", "curve")}
+        self.t1 = self.t1 or time.time()
 
-    def __init__(self, what):
-        self.what, self.last = what, time.time()
-
-    def __call__(self, how_far):
-        if time.time() - self.last >= HEARTBEAT_SECONDS:
-            self.last = time.time()
-            print0(f"{self.what}: {how_far}")
-
-
-class RunClock:
-    """Time left in the whole run: the training iterations still to come (every method's) at the current rate,
-    and the evaluation and sampling of each method not done yet, as long as those measured so far (before the
-    first, half of one method's training). The estimate corrects itself as the run goes."""
-
-    def __init__(self, iterations, methods):
-        self.iterations, self.methods, self.evaluations = iterations, methods, []
-        self.per_method = iterations / max(1, methods)
-
-    def eta(self, seconds_per_iteration):
-        evaluation = 0.5 * self.per_method * seconds_per_iteration
-        if self.evaluations:
-            evaluation = sum(self.evaluations) / len(self.evaluations)
-        return self.iterations * seconds_per_iteration + self.methods * evaluation
-
-    def method_done(self, evaluation_seconds):
-        self.methods -= 1
-        self.evaluations.append(evaluation_seconds)
-
-
-class Progress:
-    """Throughput and time left of a training run, leaving out the first iteration (where torch.compile
-    compiles) and the iterations of an earlier run that this one resumed."""
-
-    def __init__(self, start, total, items_per_iter, unit, clock=None):
-        self.start, self.total, self.items, self.unit = start, total, items_per_iter, unit
-        self.t0, self.t1 = time.time(), None
-        self.clock = clock or RunClock(total - start, 1)
-
-    def tick(self, it):
-        """After iteration `it` (counted from 1)."""
-        self.clock.iterations -= 1
-        if it == self.start + 1:
-            self.t1 = time.time()
-
-    def due(self, it, interval):
-        """Whether iteration `it` logs: every `interval`, the last, and the second of this run (the first line
-        within seconds, with a rate that leaves the compiling first iteration out)."""
-        return it % interval == 0 or it == self.total or it == self.start + 2
+    def mean(self, key, it):
+        """The mean of each figure over every rank since the last read of `key` ('line' or 'curve')."""
+        *sums, n = sum_over_ranks(self.sums.pop(key))
+        bad = [s / n for s in sums if not math.isfinite(s)]
+        if bad:
+            raise SystemExit(f"[{self.method}] the loss (or its KL or gradient) became {bad[0]} by iteration "
+                             f"{it}: lower --lr; checkpoints already written are kept")
+        return [s / n for s in sums]
 
     def rate(self, it):
         """Items per second after iteration `it` (NaN until two iterations have run)."""
         return self.items * (it - self.start - 1) / (time.time() - self.t1) if it > self.start + 1 else math.nan
+
+    def line(self, it, **figures):
+        shown = " | ".join(f"{k} {v:.4g}" for k, v in figures.items())
+        rate = self.rate(it)
+        return (f"[{self.method}] iter {it:7d}/{self.total} | {shown} | {rate:9.1f} {self.unit} | eta "
+                f"{(self.total - it) * self.items / rate:5.0f}s")
 
     def summary(self, device):
         """This run's training: iterations, seconds, items per second, and the peak GPU memory."""
@@ -658,72 +576,6 @@ class Progress:
         if device.type == "cuda":
             out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         return out
-
-    def line(self, it, **figures):
-        speed = self.rate(it)
-        eta = (self.total - it) * self.items / speed if speed > 0 else math.nan
-        shown = " | ".join(f"{k} {v:.4g}" for k, v in figures.items())
-        run = self.clock.eta(self.items / speed) if speed > 0 else math.nan
-        return f"iter {it:7d}/{self.total} | {shown} | {speed:9.1f} {self.unit} | eta {eta:5.0f}s, run {run:5.0f}s"
-
-
-class TrainingLog:
-    """The figures of one method's training loop. add() sums each iteration's (loss, KL, ...) on the device;
-    after() reads the sums back only every few iterations (the GPU runs ahead): a point of the training curve
-    every `every` iterations, a progress line every --log-interval, and, before every checkpoint, a check over
-    all ranks that every figure is finite, so no checkpoint holds a NaN update. `history`, which checkpoints
-    carry, is {"train": [(iteration, loss, KL, lambda)], "val": [(iteration, validation loss)]}; losses are in
-    the unit `to_unit` gives (bits per dimension for images), labelled `label`."""
-
-    def __init__(self, method, cfg, progress, history, every, path, label="loss", to_unit=float, suffix=None):
-        self.method, self.cfg, self.progress, self.every, self.path = method, cfg, progress, every, path
-        self.history = history or {"train": [], "val": []}
-        self.label, self.to_unit, self.suffix = label, to_unit, suffix
-        self.curve = self.recent = None
-
-    def add(self, *figures):
-        """One iteration's figures as 0-d tensors: the loss, the KL, then any other that must stay finite."""
-        stats = torch.stack([f.detach().float() for f in figures] + [torch.ones_like(figures[0]).float()])
-        if self.curve is None:
-            self.curve, self.recent = torch.zeros_like(stats), torch.zeros_like(stats)
-        self.curve += stats
-        self.recent += stats
-
-    def validation_due(self, it):
-        """Whether validation runs after iteration `it`: every --eval-interval, and after the last."""
-        return it % self.cfg.eval_interval == 0 or it == self.cfg.max_iters
-
-    def validated(self, it, loss, name, unit):
-        """A validation figure of the EMA weights at lambda 1 (`loss` already in its unit)."""
-        self.history["val"].append((it, loss))
-        print0(f"[{self.method}] iter {it:7d} | validation {name} {loss:.4f} {unit} (EMA weights, lambda 1)")
-
-    def after(self, it, lam, make_state):
-        """After iteration `it` (counted from 1) at KL weight `lam`; `make_state()` makes the checkpoint when one
-        is due (on every rank: it is a collective under DDP) and rank 0 writes it."""
-        self.progress.tick(it)
-        last = it == self.cfg.max_iters
-        point, save = it % self.every == 0 or last, it % self.cfg.ckpt_interval == 0 or last
-        if point or save:
-            *sums, n = sum_over_ranks(self.curve)
-            bad = [s / n for s in sums if not math.isfinite(s)]
-            if bad:
-                raise SystemExit(f"[{self.method}] the loss (or its KL or gradient) became {bad[0]} by "
-                                 f"iteration {it}: lower --lr (now {self.cfg.lr}); checkpoints already written "
-                                 f"are kept")
-            if point:
-                self.history["train"].append((it, self.to_unit(sums[0] / n), sums[1] / n, lam))
-                self.curve.zero_()
-        if self.progress.due(it, self.cfg.log_interval):
-            *sums, n = sum_over_ranks(self.recent)
-            self.recent.zero_()
-            figures = {self.label: self.to_unit(sums[0] / n), "kl": sums[1] / n, "lambda": lam}
-            line = self.progress.line(it, **figures)
-            print0(f"[{self.method}] {line}{self.suffix(it) if self.suffix else ''}")
-        if save:
-            state = make_state()
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                save_atomic(state, self.path)
 
 
 def likelihood_entry(figures, iw_samples):
@@ -736,38 +588,28 @@ def likelihood_entry(figures, iw_samples):
     return entry
 
 
-def save_metrics(out_dir, metrics, trained, method_of):
-    """Write metrics.json under one rule: one entry per method, and a run replaces only what it computed.
-    Training a method drops that method's old entries (they describe other weights); --eval-only and
-    --sample-only replace the figures and `by_steps` rows (keyed by sampler and steps) they recompute and keep
-    the rest. `method_of` maps each sampler to its method, in table order. Returns what it wrote."""
+def save_metrics(out_dir, metrics, methods, samplers):
+    """Write metrics.json: the entries of the `methods` this run trained or evaluated replace theirs whole,
+    those of other methods already in the file are kept. `samplers` is the script's SAMPLERS (sampler ->
+    (label, method, ...)), which orders the by_steps rows. Returns what it wrote."""
     path, old = os.path.join(out_dir, "metrics.json"), {}
     if os.path.exists(path):
         try:
             with open(path) as f:
-                old = json.load(f)
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:  # the run's figures matter more than an unreadable old file
+                old = dict(json.load(f))
+        except (ValueError, TypeError) as e:  # the run's figures matter more than an unreadable old file
             os.replace(path, f"{path}.unreadable")
             print0(f"{path} could not be read ({e.__class__.__name__}): kept as {path}.unreadable, written anew")
-    merged = {**{k: v for k, v in old.items() if k not in ("config", "likelihood", "training")}, **metrics}
+    new = {**old, **metrics}
     for part in ("config", "likelihood", "training"):
-        kept = {m: v for m, v in old.get(part, {}).items() if m not in trained}
-        merged[part] = {**kept, **{m: {**kept.get(m, {}), **v} for m, v in metrics[part].items()}}
-    rows = {(r["sampler"], r["steps"]): r for r in old.get("by_steps", [])
-            if method_of.get(r["sampler"]) not in trained}
-    for r in metrics["by_steps"]:
-        rows[r["sampler"], r["steps"]] = {**rows.get((r["sampler"], r["steps"]), {}), **r}
-    merged["by_steps"] = sorted(rows.values(), key=lambda r: (list(method_of).index(r["sampler"]), r["steps"]))
+        new[part] = {**{m: v for m, v in old.get(part, {}).items() if m not in methods}, **metrics[part]}
+    rows = [r for r in old.get("by_steps", []) if samplers[r["sampler"]][1] not in methods] + metrics["by_steps"]
+    new["by_steps"] = sorted(rows, key=lambda r: (list(samplers).index(r["sampler"]), r["steps"]))
     with open(f"{path}.tmp{os.getpid()}", "w") as f:
-        json.dump(merged, f, indent=1)
+        json.dump(new, f, indent=1)
     os.replace(f"{path}.tmp{os.getpid()}", path)
-    return merged
+    return new
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Plots
 
 def pyplot():
     """matplotlib without a display, imported only when plotting."""
@@ -784,10 +626,11 @@ def savefig(fig, path):
 
 
 def plot_training(path, histories, loss_title, kl_title):
-    """Each method's training loss with its validation figures (EMA weights, where there are any); VADD's
-    KL and lambda (a KL falling to 0 is posterior collapse). `histories` maps methods to TrainingLog.history."""
+    """Each method's training loss with its validation figures (EMA weights, where there are any), and VADD's
+    KL (a KL falling to 0 is posterior collapse). `histories` maps methods to {"train": [(iteration, loss, KL,
+    lambda)], "val": [(iteration, loss)]}."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for method, history in histories.items():
         h = np.asarray(history["train"], dtype=float).reshape(-1, 4)
         line, = axes[0].plot(h[:, 0], h[:, 1], label=f"{method} training")
@@ -796,38 +639,32 @@ def plot_training(path, histories, loss_title, kl_title):
                          label=f"{method} validation (EMA)")
         if method == "vadd":
             axes[1].plot(h[:, 0], h[:, 2], color=line.get_color())
-            axes[2].plot(h[:, 0], h[:, 3], color=line.get_color())
-    drawn = [any(len(line.get_xdata()) for line in ax.lines) for ax in axes]
-    for ax, title, full in zip(axes, [loss_title, kl_title, "VADD: lambda"], drawn):
-        ax.set_title(title, fontsize=9), ax.set_xlabel("iteration")
-        if not full:  # say why instead of drawing empty axes
-            ax.text(0.5, 0.5, "no VADD run" if any(drawn) else "no training", ha="center", va="center",
-                    transform=ax.transAxes)
-    if drawn[0]:
+    for ax, title in zip(axes, [loss_title, kl_title]):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration")
+    if axes[0].lines:
         axes[0].legend(fontsize=7)
     savefig(fig, path)
 
 
-def plot_by_steps(path, rows, samplers, panels, lines=(), title=None):
+def plot_by_steps(path, rows, samplers, panels, lines=(), title=""):
     """One panel per (key, axis label) in `panels`: each sampler's figure in the by_steps `rows` against the
-    number of denoising steps T (logarithmic; the figure too where it spans more than a factor 10), with error
-    bars where the rows hold key_se, and on the first panel the horizontal reference `lines` (value, label,
-    line style). `samplers` is a script's SAMPLERS."""
+    number of denoising steps T (logarithmic), with error bars where the rows hold key_se, and on the first
+    panel the horizontal reference `lines` (value, label, line style). `samplers` is the script's SAMPLERS."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
-        values = [r[key] for r in rows if key in r]
         for sampler, (name, *_) in samplers.items():
             pts = sorted((r["steps"], r[key], r.get(key + "_se", 0.0)) for r in rows
                          if r["sampler"] == sampler and key in r)
             if pts:
                 ax.errorbar(*zip(*pts), marker="o", capsize=2, label=name)
-        if values and min(values) > 0 and max(values) > 10 * min(values):
-            ax.set_yscale("log")
-        ax.set_xscale("log"), ax.set_xlabel("denoising steps T"), ax.set_ylabel(label)
+        ax.set_xscale("log")
+        ax.set_xlabel("denoising steps T")
+        ax.set_ylabel(label)
     for value, label, style in lines:
         axes[0, 0].axhline(value, color="gray", ls=style, label=label)
-    axes[0, 0].set_title(title or "", fontsize=9)
+    axes[0, 0].set_title(title, fontsize=9)
     for ax in axes[0]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

@@ -38,9 +38,9 @@ import common
 V, MASK, SHAPE = 256, 256, (32, 32, 3)  # sub-pixel values, the [M] id, token layout (height, width, colour)
 D = 32 * 32 * 3  # tokens per image
 
-# Presets fill every flag left unset. gpu: the UNet of DDPM for CIFAR-10 (Ho et al. 2020: 128 channels,
-# multipliers 1,2,2,2, two residual blocks per resolution, attention at 16 x 16, dropout 0.1; about 36M
-# parameters), batch 128, lr 2e-4 with 5000 warm-up steps, EMA 0.9999, and the paper's 2M iterations.
+# Presets fill every flag marked "(default from --preset)". gpu: the UNet of DDPM for CIFAR-10 (Ho et al. 2020:
+# 128 channels, multipliers 1,2,2,2, two residual blocks per resolution, attention at 16 x 16, dropout 0.1; about
+# 36M parameters), batch 128, lr 2e-4 with 5000 warm-up steps, EMA 0.9999, and the paper's 2M iterations.
 # cpu: a small UNet that trains in minutes on two cores.
 PRESETS = {
     "gpu": dict(channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1, embed_dim=32,
@@ -55,83 +55,42 @@ PRESETS = {
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    whole, number = common.whole, common.number
-
-    def a(flag, *args, help="", **kw):  # flags a preset fills show both presets' values in --help
-        p.add_argument(flag, *args, help=help + common.preset_values(flag[2:].replace("-", "_"), PRESETS), **kw)
-
-    a("--preset", choices=tuple(PRESETS), help="defaults for every flag left unset (default: gpu where CUDA is, "
-      "else cpu)")
-    # data
-    a("--data", type=batch_folder, default=None, help="folder with the extracted data_batch_*.bin and "
-      "test_batch.bin (no network); default: download cifar-10-binary.tar.gz once into --cache-dir")
+    p = common.parser(__doc__)
+    a, whole, number, preset = p.add_argument, common.whole, common.number, " (default from --preset)"
+    a("--preset", choices=tuple(PRESETS), help="defaults of the flags that say so (gpu with CUDA, else cpu)")
+    a("--data", help="folder with the extracted data_batch_*.bin and test_batch.bin (no network); default: "
+      "download cifar-10-binary.tar.gz once into --cache-dir")
     a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd"), help="download cache")
-    a("--val-images", type=whole(), help="training images set aside for validation during training")
+    a("--val-images", type=whole(), help="training images set aside for validation during training" + preset)
     a("--flip", default=True, action=argparse.BooleanOptionalAction, help="random horizontal flips (default on)")
-    # model
-    a("--channels", type=group_channels, help="UNet base channels, a multiple of 4")
-    a("--channel-mult", type=multipliers, help="channel multiplier per resolution (32, 16, 8, 4 pixels)")
-    a("--num-res-blocks", type=whole(), help="residual blocks per resolution")
-    a("--attn-res", type=resolutions, help="resolutions with self-attention, comma separated ('' for none)")
-    a("--dropout", type=number(0, 1, open_high=True), help="dropout in the residual blocks")
-    a("--embed-dim", type=whole(), help="embedding size of one sub-pixel value; three are concatenated per pixel")
+    a("--channels", type=whole(4), help="UNet base channels" + preset)
+    a("--channel-mult", type=common.counts, help="channel multiplier per resolution: 32, 16, 8, 4 pixels" + preset)
+    a("--num-res-blocks", type=whole(), help="residual blocks per resolution" + preset)
+    a("--attn-res", type=lambda text: common.counts(text) if text.strip() else [],
+      help="resolutions with self-attention, comma separated, '' for none" + preset)
+    a("--dropout", type=number(0, 1), help="dropout in the residual blocks" + preset)
+    a("--embed-dim", type=whole(), help="size of one sub-pixel value's vector; three per pixel" + preset)
     a("--time-cond", default=False, action=argparse.BooleanOptionalAction,
       help="feed t to the denoiser (default off: the optimal masked denoiser ignores t, and samplers can then "
            "reuse its output while an image is unchanged)")
-    a("--latent-dim", type=whole(), help="size of z (VADD), a code per image: small next to its 3072 tokens")
+    a("--latent-dim", type=whole(), help="size of z (VADD), one code per image: small next to its 3072 tokens"
+      + preset)
     a("--weight-decay", type=number(0), default=0.0, help="AdamW weight decay (default 0)")
-    # sampling and evaluation
-    a("--steps", type=common.counts, default="1,5,10,20,50,100", help="denoising step counts, e.g. 1,5")
-    a("--num-samples", type=whole(), help="images drawn per sampler and step count")
-    a("--sample-batch", type=whole(), help="images per sampling batch on each GPU")
-    a("--num-eval", type=whole(), help="test images for the likelihoods (10000 = all)")
-    a("--eval-batch", type=whole(), help="images per evaluation batch on each GPU")
-    a("--iw-samples", type=whole(), help="draws of z for the importance-weighted DELBO")
-    a("--fid", type=whole(0), default=0, help="FID on this many samples per sampler and step count, against "
-      "the training set (needs torchmetrics and torch-fidelity; default 0 = off)")
-    a("--fid-weights", type=existing_file, default=None,
-      help="a local copy of torch-fidelity's Inception weights (offline machines)")
-    common.add_training_flags(p, dict(schedule="linear", out_dir=os.path.join("out", "cifar")), PRESETS)
+    a("--steps", type=common.counts, default="1,5,10,20,50,100", help="denoising step counts (%(default)s)")
+    a("--num-samples", type=whole(), help="images drawn per sampler and step count" + preset)
+    a("--sample-batch", type=whole(), help="images per sampling batch on each GPU" + preset)
+    a("--num-eval", type=whole(), help="test images for the likelihoods, of 10000" + preset)
+    a("--eval-batch", type=whole(), help="images per evaluation batch on each GPU" + preset)
+    a("--iw-samples", type=whole(), help="draws of z for the importance-weighted DELBO" + preset)
+    a("--fid", type=whole(0), default=0, help="FID on up to this many samples per sampler and step count, "
+      "against the training set (needs torchmetrics and torch-fidelity; default 0 = off)")
+    a("--fid-weights", help="a local copy of torch-fidelity's Inception weights (offline machines)")
+    common.add_training_flags(p, dict(schedule="linear", out_dir=os.path.join("out", "cifar")), PRESETS["gpu"])
     return p
 
 
-def group_channels(text):
-    """argparse type: UNet base channels, a multiple of 4 (group normalisation takes groups of 4 or more)."""
-    value = common.whole(4)(text)
-    if value % 4:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 4 (group normalisation)")
-    return value
-
-
-def multipliers(text):
-    values = common.counts(text)
-    if len(values) > 4:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to 4 positive multipliers (32 x 32 down to 4 x 4)")
-    return values
-
-
-def resolutions(text):
-    return common.counts(text) if text.strip() else []
-
-
-def batch_folder(text):
-    missing = [f for f in TRAIN_FILES + [TEST_FILE] if not os.path.isfile(os.path.join(text, f))]
-    if missing:
-        raise argparse.ArgumentTypeError(f"{text}: no {missing[0]} there; give the folder that holds the "
-                                         f"extracted binary batches (cifar-10-batches-bin), or leave --data out")
-    return text
-
-
-def existing_file(text):
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    return text
-
-
 def parse_config(argv=None):
-    """Parse with the preset's values as defaults (flags given still win), then check what involves several
-    flags, before anything is written; a bad value stops with one sentence."""
+    """Parse with the preset's values as defaults (flags given still win); a bad value stops with one sentence."""
     p = build_parser()
     preset = common.choose_preset(p.parse_args(argv), "a small UNet, 1000 iterations of 32 images (minutes)")
     p.set_defaults(**PRESETS[preset], preset=preset)
@@ -140,9 +99,9 @@ def parse_config(argv=None):
     if cfg.batch_size % (world * cfg.grad_accum):
         p.error(f"--batch-size {cfg.batch_size} must split evenly over {world} process(es) x --grad-accum "
                 f"{cfg.grad_accum} micro-batches")
-    if cfg.fid > cfg.num_samples:
-        p.error(f"--fid {cfg.fid} needs as many samples: raise --num-samples (now {cfg.num_samples})")
-    return common.finish_config(cfg, p, [cfg.out_dir, cfg.cache_dir])
+    if len(cfg.channel_mult) > 4:
+        p.error(f"--channel-mult {cfg.channel_mult}: give 1 to 4 multipliers (32 x 32 down to 4 x 4 pixels)")
+    return common.finish_config(cfg, p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,13 +116,14 @@ RECORD = 1 + 3072  # one label byte, then 1024 red, 1024 green and 1024 blue byt
 
 def read_batch(path):
     """One binary batch: (images uint8 (n, 32, 32, 3), labels uint8 (n,))."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"no {path}: give --data the folder that holds the extracted binary batches "
+                         f"(cifar-10-batches-bin), or leave --data out to download them")
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % RECORD:
         raise SystemExit(f"{path} holds {raw.size} bytes, not a whole number of {RECORD}-byte CIFAR-10 records: "
                          f"it is truncated or not a binary batch; delete it and download the data again")
     records = raw.reshape(-1, RECORD)
-    if records[:, 0].max() > 9:
-        raise SystemExit(f"{path} has labels above 9: it is not a CIFAR-10 binary batch")
     return records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), records[:, 0].copy()
 
 
@@ -184,12 +144,10 @@ def cifar_folder(cfg):
         except OSError as e:
             raise SystemExit(f"cannot download {CIFAR_URL} ({e}): check the network, or pass --data DIR with "
                              f"the extracted binary batches")
-        md5 = hashlib.md5()
         with open(archive, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                md5.update(block)
-        if md5.hexdigest() != CIFAR_MD5:
-            raise SystemExit(f"the download of {CIFAR_URL} is corrupt or partial (md5 {md5.hexdigest()}, expected "
+            md5 = hashlib.md5(f.read()).hexdigest()
+        if md5 != CIFAR_MD5:
+            raise SystemExit(f"the download of {CIFAR_URL} is corrupt or partial (md5 {md5}, expected "
                              f"{CIFAR_MD5}); it was deleted: run again")
         os.makedirs(unpacked)
         with tarfile.open(archive, "r:gz") as tar:  # only the six known members, by name: no path tricks
@@ -206,8 +164,7 @@ def cifar_folder(cfg):
 
 
 def load_cifar(cfg):
-    """(train, val, test) uint8 arrays (n, 32, 32, 3); val is carved from the training images with a fixed
-    permutation, the same for every --seed."""
+    """(train, val, test) uint8 arrays (n, 32, 32, 3); val is a fixed part of the training images (any --seed)."""
     folder = cifar_folder(cfg)
     train = np.concatenate([read_batch(os.path.join(folder, f))[0] for f in TRAIN_FILES])
     test = read_batch(os.path.join(folder, TEST_FILE))[0]
@@ -472,14 +429,12 @@ def sample(model, num, T, sampler, cfg):
     Returns (uint8 images (num, 32, 32, 3), network evaluations per image)."""
     device, latent = next(model.parameters()).device, SAMPLERS[sampler][2]
     images, evaluations = [], 0
-    beat = common.Heartbeat(f"[{sampler}] sampling {num} images in {T} steps")
     for start in range(0, num, cfg.sample_batch):
         n = min(cfg.sample_batch, num - start)
         xt = torch.full((n, *SHAPE), model.mask_id, dtype=torch.long, device=device)
         logits = torch.empty(n, *SHAPE, V, device=device)
         z, stale = None, torch.ones(n, dtype=torch.bool, device=device)
         for i in range(T, 0, -1):
-            beat(f"images {start + 1}-{start + n} of {num}, step {T - i + 1} of {T}")
             new_z = latent(z, n, model)
             stale |= new_z is not z or model.time_cond
             z, t = new_z, torch.full((n,), i / T, device=device)
@@ -515,9 +470,7 @@ def likelihoods(model, x0, cfg):
     keys = ["delbo", "iw_delbo"] if vadd else ["mdm_nelbo"]
     figures = {key: [] for key in keys + [(s, T) for s in samplers for T in cfg.steps]}
     chunk = min(cfg.eval_batch, common.rows_per_call(D, V))
-    beat = common.Heartbeat(f"[{model.method}] likelihoods of {len(x0)} test images")
-    for done, x in enumerate(x0.split(chunk)):
-        beat(f"{done * chunk} done")
+    for x in x0.split(chunk):
         x = x.to(device)
         with common.autocast(device, cfg.dtype):
             figures[keys[0]].append(delbo(model, x, 1.0)[0])
@@ -533,17 +486,15 @@ def likelihoods(model, x0, cfg):
 
 def gather(images, world):
     """Every rank's images (ranks may hold different counts), concatenated in rank order."""
-    if world == 1:
-        return images
-    parts = [None] * world
-    dist.all_gather_object(parts, images)
+    parts = [images] * world
+    if world > 1:
+        dist.all_gather_object(parts, images)
     return np.concatenate(parts)
 
 
 def fid_metric(cfg):
-    """torchmetrics' FrechetInceptionDistance, with torch-fidelity's port of the TensorFlow Inception and its
-    resizing (antialias off), so figures compare with published FIDs. Imported only here; built before any
-    training so that a missing package or unreachable weights stop the run at once."""
+    """torchmetrics' FID with torch-fidelity's port of the TensorFlow Inception and its resizing (antialias off),
+    so figures compare with published FIDs; built before training, so a missing package stops the run at once."""
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
     except Exception as e:  # torch-fidelity imports torchvision, which fails to import against another torch
@@ -566,13 +517,49 @@ def fid_update(metric, images, real, batch=500):
         metric.update(chunk.to(metric.device), real=real)
 
 
+def evaluate(model, method, cfg, data, fid, rank, world):
+    """The test likelihoods (not with --sample-only), then --num-samples images from every sampler of `method`
+    at every step count, shared out over the ranks; rank 0 saves them (samples_<sampler>_T<T>.npy and .png)
+    and scores their FID. Prints each figure; returns the likelihood entry and the by_steps rows."""
+    figures = {}
+    if not cfg.sample_only:
+        common.seed_everything(cfg.seed + 3 + 1000 * rank)
+        figures = likelihoods(model, torch.from_numpy(data[2][:cfg.num_eval]).long()[rank::world], cfg)
+        for key in [k for k in figures if isinstance(k, str)]:
+            common.print0(f"[{method}] {key} {figures[key][0]:.4f} +- {figures[key][1]:.4f} bpd")
+    rows = []
+    for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
+        for T in cfg.steps:
+            common.seed_everything(cfg.seed + 4 + 1000 * rank)
+            t0 = time.time()
+            images, nfe = sample(model, len(range(rank, cfg.num_samples, world)), T, sampler, cfg)
+            images = gather(images, world)
+            row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe,
+                   "num_samples": len(images)}
+            line = f"[{sampler}] T={T}: {len(images)} samples in {row['sample_seconds']:.1f}s"
+            if (sampler, T) in figures:
+                row["bound"], row["bound_se"] = figures[sampler, T]
+                line += f", valid bound {row['bound']:.4f} +- {row['bound_se']:.4f} bpd"
+            if rank == 0:
+                np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
+                common.pyplot().imsave(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"),
+                                       tile(images[:64], 8))
+            if fid is not None:  # rank 0's
+                fid.reset()  # keeps the training-set statistics (reset_real_features=False)
+                fid_update(fid, images[:cfg.fid], real=False)
+                row["fid"], row["fid_samples"] = float(fid.compute()), min(cfg.fid, len(images))
+                line += f", FID {row['fid']:.2f}"
+            common.print0(line)
+            rows.append(row)
+    return common.likelihood_entry(figures, cfg.iw_samples), rows
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
-def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
-    """Train one method on every rank, from a checkpoint if given; returns the model with its EMA weights
-    loaded, the history ({"train": (iteration, loss bpd, KL nats, lambda), "val": (iteration, bpd)}) and a
-    summary (iterations, seconds, throughput)."""
+def train(cfg, method, data, ckpt, rank, world):
+    """Train one method on every rank; returns the model with its EMA weights, the history ({"train":
+    (iteration, loss bpd, KL nats, lambda), "val": (iteration, bpd)}) and the training summary."""
     device, train_images, val_images = torch.device(cfg.device), data[0], torch.from_numpy(data[1]).long()
     common.seed_everything(cfg.seed)  # same initialisation on every rank and for both methods
     model = Model(cfg, method).to(device)
@@ -581,19 +568,16 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
     rng = np.random.default_rng(cfg.seed)  # one data stream: each rank takes its slice of every global batch
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank)  # ... and draws its own times, masks and z
-    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, None
+    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, {"train": [], "val": []}
     if ckpt is not None:
         start, history = common.resume(ckpt, model, opt, ema, rng, device, rank, world, cfg.seed + 1)
-        common.print0(f"[{method}] resumed from {path} at iteration {start}")
     ddp = DDP(model, [device.index] if device.type == "cuda" else None) if world > 1 else model
     step = torch.compile(ddp) if cfg.compile else ddp
     evaluator = copy.deepcopy(model).eval()  # receives the EMA weights for validation
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    counts = {name: sum(p.numel() for p in part.parameters()) / 1e6 for name, part in model.named_children()}
-    common.print0(f"[{method}] parameters: " + ", ".join(f"{k} {v:.2f}M" for k, v in counts.items()) + f"; "
-                  f"{cfg.max_iters} iterations of {cfg.batch_size} images ({world} x {cfg.grad_accum} x {micro})")
-    progress = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock)
-    log = common.TrainingLog(method, cfg, progress, history, max(1, cfg.log_interval // 5), path, "bpd", bpd)
+    sizes = [f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for name, m in model.named_children()]
+    common.print0(f"[{method}] parameters: {', '.join(sizes)}; iterations {start} to {cfg.max_iters}")
+    meter = common.Meter(method, start, cfg.max_iters, cfg.batch_size, "images/s")
+    curve_every = max(1, cfg.log_interval // 5)  # five points of the training curve per progress line
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
             group["lr"] = common.lr_at(it, cfg)
@@ -613,18 +597,29 @@ def train(cfg, method, data, ckpt=None, rank=0, world=1, clock=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model)
-        log.add(*figures)
-        if log.validation_due(it + 1):  # the EMA weights, at lambda 1
+        meter.add(*figures)
+        it += 1  # iterations done
+        save = it % cfg.ckpt_interval == 0 or it == cfg.max_iters
+        if it % curve_every == 0 or save:  # a NaN stops the run here, before the checkpoint below
+            loss, kl = meter.mean("curve", it)
+            history["train"].append((it, bpd(loss), kl, lam))
+        if it % cfg.log_interval == 0 or it == cfg.max_iters:
+            loss, kl = meter.mean("line", it)
+            common.print0(meter.line(it, loss=bpd(loss), kl=kl, **{"lambda": lam}))
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:  # the EMA weights, at lambda 1
             ema.copy_to(evaluator)
             chunks = val_images[rank::world].split(min(cfg.eval_batch, common.rows_per_call(D, V)))
             with torch.no_grad(), common.autocast(device, cfg.dtype):
                 per_image = [delbo(evaluator, x.to(device), 1.0)[0] for x in chunks]
-            val = bpd(common.mean_se(per_image, device)[0])
-            log.validated(it + 1, val, "DELBO" if method == "vadd" else "NELBO", "bpd")
-        log.after(it + 1, lam, lambda: common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method),
-                                                             log.history, rng, device))
+            history["val"].append((it, bpd(common.mean_se(per_image, device)[0])))
+            common.print0(f"[{method}] iter {it:7d} | validation {'DELBO' if method == 'vadd' else 'NELBO'} "
+                          f"{history['val'][-1][1]:.4f} bpd (EMA weights, lambda 1)")
+        if save:
+            state = common.training_state(model, opt, ema, it, weight_settings(cfg, method), history, rng, device)
+            if rank == 0:
+                common.save_atomic(state, path)
     ema.copy_to(model)
-    return model.eval(), log.history, progress.summary(device)
+    return model.eval(), history, meter.summary(device)
 
 
 def weight_settings(cfg, method):
@@ -641,46 +636,38 @@ def main(argv=None):
     cfg = parse_config(argv)
     rank, world = common.setup_ddp(cfg)
     try:
-        methods, trained, checkpoints, method_of, clock = common.plan(cfg, weight_settings, SAMPLERS)
+        methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
+        training = not (cfg.eval_only or cfg.sample_only)
+        checkpoints = {m: common.read_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
         fid = fid_metric(cfg) if cfg.fid and rank == 0 else None  # rank 0 scores the samples
         if rank > 0:
-            dist.barrier()  # rank 0 downloads into the cache and prepares --out-dir first, the others then read
+            dist.barrier()  # rank 0 downloads into the cache and makes --out-dir first, the others then read
         data = load_cifar(cfg) if not cfg.sample_only or cfg.fid else None
-        if rank == 0:  # after the data is checked, before any training
-            common.prepare_out_dir(cfg, trained, method_of)
+        if rank == 0:  # after the data is read, before any training
+            common.make_out_dir(cfg)
             if world > 1:
                 dist.barrier()
         run_start = time.time()
         if fid is not None:  # reference statistics of the training set, once for every sampler and step count
-            fid = fid.to(cfg.device)
-            fid_update(fid, np.concatenate([data[0], data[1]]), real=True)
+            fid_update(fid.to(cfg.device), np.concatenate([data[0], data[1]]), real=True)
         metrics = {"unit": "bits per dimension (sub-pixel); KL in nats per image", "config": {}, "likelihood": {},
                    "training": {}, "by_steps": []}
         histories = {}
         for method in methods:
-            if method in trained:
-                model, histories[method], summary = train(cfg, method, data, checkpoints[method], rank, world,
-                                                          clock)
-                metrics["training"][method] = summary
-                metrics["config"][method] = dict(vars(cfg))
+            if training:
+                model, histories[method], metrics["training"][method] = train(cfg, method, data,
+                                                                              checkpoints[method], rank, world)
             else:  # the checkpoint's EMA weights
                 model = Model(cfg, method)
                 model.load_state_dict(checkpoints[method]["ema"]["params"])
                 model, histories[method] = model.to(cfg.device).eval(), checkpoints[method]["history"]
-            figures, evaluation_start = {}, time.time()
-            if not cfg.sample_only:
-                common.seed_everything(cfg.seed + 3 + 1000 * rank)
-                figures = likelihoods(model, torch.from_numpy(data[2][:cfg.num_eval]).long()[rank::world], cfg)
-            metrics["likelihood"][method] = common.likelihood_entry(figures, cfg.iw_samples)
-            for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
-                for T in cfg.steps:
-                    metrics["by_steps"].append(sample_row(cfg, model, sampler, T, figures, fid, rank, world))
-            if method in trained:
-                clock.method_done(time.time() - evaluation_start)
+            metrics["config"][method] = dict(vars(cfg))
+            metrics["likelihood"][method], rows = evaluate(model, method, cfg, data, fid, rank, world)
+            metrics["by_steps"] += rows
         if rank > 0:
             return None
         metrics["seconds"] = time.time() - run_start
-        metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
+        metrics = common.save_metrics(cfg.out_dir, metrics, methods, SAMPLERS)
         plot_overview(os.path.join(cfg.out_dir, "samples.png"), cfg, data[2] if data else None, metrics)
         panels = [("bound", "valid T-step bound (bits per dim)")]
         panels += [("fid", "FID")] if any("fid" in r for r in metrics["by_steps"]) else []
@@ -693,32 +680,13 @@ def main(argv=None):
         common.teardown_ddp()
 
 
-def sample_row(cfg, model, sampler, T, figures, fid, rank, world):
-    """--num-samples images of one sampler and step count, shared out over the ranks; rank 0 saves them
-    (samples_<sampler>_T<T>.npy and .png) and scores their FID. Returns the metrics row."""
-    common.seed_everything(cfg.seed + 4 + 1000 * rank)
-    t0 = time.time()
-    images, nfe = sample(model, len(range(rank, cfg.num_samples, world)), T, sampler, cfg)
-    images = gather(images, world)
-    row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe,
-           "num_samples": len(images)}
-    if (sampler, T) in figures:
-        row["bound"], row["bound_se"] = figures[sampler, T]
-    if rank == 0:
-        np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
-        common.pyplot().imsave(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), tile(images[:64], 8))
-        if fid is not None:
-            fid.reset()  # keeps the training-set statistics (reset_real_features=False)
-            fid_update(fid, images[:cfg.fid], real=False)
-            row["fid"], row["fid_samples"] = float(fid.compute()), cfg.fid
-        print(f"[{SAMPLERS[sampler][1]}] {sampler} T={T}: {len(images)} samples in {row['sample_seconds']:.1f}s, "
-              f"{nfe:.1f} network evaluations per image" + (f", FID {row['fid']:.2f}" if "fid" in row else ""),
-              flush=True)
-    return row
+def data_name(cfg):
+    """What the run trained on: CIFAR-10 when downloaded, else the --data folder by name."""
+    return "CIFAR-10" if cfg.data is None else f"{os.path.basename(os.path.normpath(cfg.data))} (--data)"
 
 
 def print_table(cfg, metrics):
-    print(f"\nCIFAR-10 test figures ({cfg.num_eval} images), bits per dimension:")
+    print(f"\n{data_name(cfg)} test figures ({cfg.num_eval} images), bits per dimension:")
     for method, key, label in [("mdm", "mdm_nelbo", "MDM NELBO (bound, continuous time)"),
                                ("vadd", "delbo", "VADD DELBO (not a bound)"),
                                ("vadd", "iw_delbo", "VADD IW-DELBO (not a bound)")]:
@@ -770,7 +738,7 @@ def plot_overview(path, cfg, data, metrics):
             if c == 0:
                 axes[r, c].text(-0.08, 0.5, "data" if row == "data" else SAMPLERS[row][0].split(" (")[0],
                                 rotation=90, va="center", ha="right", transform=axes[r, c].transAxes, fontsize=9)
-    fig.suptitle("CIFAR-10: samples after T denoising steps", fontsize=10)
+    fig.suptitle(f"samples after T denoising steps, trained on {data_name(cfg)}", fontsize=10)
     common.savefig(fig, path)
 
 

@@ -12,7 +12,6 @@ that a recognition network infers from the clean image during training, so one z
 Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main, plots.
 The method: docs/method.md; what all scripts share (schedule, reverse step, bounds, run utilities): common.py.
 """
-import argparse
 import contextlib
 import copy
 import gzip
@@ -23,6 +22,7 @@ import shutil
 import struct
 import time
 import urllib.request
+import zlib
 
 import numpy as np
 import torch
@@ -38,18 +38,15 @@ import common
 SIZE, V, MASK = 32, 2, 2  # padded image side, pixel values {0, 1}, the mask token
 D = SIZE * SIZE  # tokens per image
 
-
-def bpd(nats):
-    """Nats per image -> bits per dimension, the unit of every figure of this script."""
-    return nats / (D * math.log(2))
-
-
-# The defaults (preset gpu) fit one GPU. The paper gives the task (threshold 0.5, 32 x 32, test bpd) but not the
-# UNet or the budget: channels, depth, latent size, batch and iterations are our choices, sized like the small
-# DDPM/MD4 UNets.
+# The flags each --preset sets. gpu fits one GPU: the paper gives the task (threshold 0.5, 32 x 32, test bpd) but
+# not the UNet or the budget, so channels, depth, latent size, batch and iterations are our choices, sized like
+# the small DDPM/MD4 UNets. cpu runs both methods in about 16 minutes on 2 cores (README): 2 x 2 patches, a
+# narrow UNet, a short budget.
 PRESETS = {
-    "gpu": {},  # the parser's defaults
-    # both methods in about 16 minutes on 2 CPU cores (README): 2 x 2 patches, a narrow UNet, a short budget
+    "gpu": dict(channels=64, channel_mult="1,2,2", num_res_blocks=2, attn_res="8", patch=1, dropout=0.1,
+                latent_dim=32, max_iters=100_000, batch_size=128, lr=2e-4, warmup_iters=1000, ema=0.9999,
+                val_images=5000, eval_batch=500, eval_repeats=1, eval_interval=5000, num_samples=1000,
+                sample_batch=500, iw_samples=100, log_interval=500, ckpt_interval=5000),
     "cpu": dict(channels=32, channel_mult="1,2", num_res_blocks=1, attn_res="8", patch=2, dropout=0.0,
                 latent_dim=16, max_iters=4000, batch_size=64, lr=1e-3, warmup_iters=100, ema=0.995, val_images=250,
                 eval_batch=250, eval_repeats=4, eval_interval=1000, num_samples=64, sample_batch=64, iw_samples=8,
@@ -57,43 +54,42 @@ PRESETS = {
 }
 
 
-def resolutions(text):
-    """argparse type: resolutions separated by commas, e.g. 8,4; '' for none."""
-    return common.counts(text) if text.strip() else []
+def bpd(nats):
+    """Nats per image -> bits per dimension, the unit of every figure of this script."""
+    return nats / (D * math.log(2))
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a, whole, number = p.add_argument, common.whole, common.number
-    a("--preset", choices=tuple(PRESETS), help="default set: gpu (below) or cpu (a small UNet, minutes); "
-      "default: gpu where CUDA is, else cpu")
-    a("--data", default=None, help="folder with the four MNIST IDX files (gzipped or not); no network, no md5")
+    p = common.parser(__doc__)
+    a, whole, preset = p.add_argument, common.whole, " (default from --preset)"
+    a("--preset", choices=tuple(PRESETS), help="defaults of the flags that say so, the table PRESETS above "
+      "(default gpu where CUDA is, else cpu)")
+    a("--data", help="folder with the MNIST IDX files (gzipped or not); no network, no md5")
     a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd", "mnist"),
-      help="where full MNIST is downloaded to when --data is not given")
-    a("--val-images", type=whole(), default=5000, help="training images carved out for validation")
-    a("--num-eval", type=whole(0), default=0, help="test images for the likelihoods (0 = all, 10k for MNIST)")
-    a("--steps", type=common.counts, default="1,5,10,20,50,100", help="denoising step counts to sample and bound")
-    a("--num-samples", type=whole(), default=1000, help="images drawn per sampler and step count")
-    a("--sample-batch", type=whole(), default=500, help="images per sampling batch")
-    a("--iw-samples", type=whole(), default=100, help="draws of z for the importance-weighted DELBO")
-    a("--eval-batch", type=whole(), default=500, help="test images per likelihood batch")
-    a("--eval-repeats", type=whole(), default=1, help="passes over the test set for the one-random-step estimates")
+      help="where full MNIST is downloaded to when --data is not given (default %(default)s)")
+    a("--val-images", type=whole(), help="training images carved out for validation" + preset)
+    a("--num-eval", type=whole(0), default=0, help="test images for the likelihoods (default 0: all)")
+    a("--steps", type=common.counts, default="1,5,10,20,50,100",
+      help="denoising step counts to sample and bound (default %(default)s)")
+    a("--num-samples", type=whole(), help="images drawn per sampler and step count" + preset)
+    a("--sample-batch", type=whole(), help="images per sampling batch" + preset)
+    a("--iw-samples", type=whole(), help="draws of z for the importance-weighted DELBO" + preset)
+    a("--eval-batch", type=whole(), help="test images per likelihood batch" + preset)
+    a("--eval-repeats", type=whole(), help="passes over the test set for the one-random-step estimates" + preset)
     # model
-    a("--channels", type=whole(8), default=64, help="channels of the UNets' first level (a multiple of 8)")
-    a("--channel-mult", type=common.counts, default="1,2,2",
-      help="channel multiplier per UNet level; each level halves the resolution")
-    a("--num-res-blocks", type=whole(), default=2, help="residual blocks per UNet level")
-    a("--attn-res", type=resolutions, default="8",
-      help="resolutions with self-attention after each block, comma separated ('' for none)")
-    a("--patch", type=int, default=1, choices=(1, 2, 4), help="pixels per side folded into one UNet input cell")
-    a("--dropout", type=number(0, 1, open_high=True), default=0.1, help="dropout inside the residual blocks")
+    a("--channels", type=whole(8), help="channels of the UNets' first level (a multiple of 8)" + preset)
+    a("--channel-mult", type=common.counts, help="channel multiplier per UNet level; each halves the resolution"
+      + preset)
+    a("--num-res-blocks", type=whole(), help="residual blocks per UNet level" + preset)
+    a("--attn-res", type=lambda text: common.counts(text) if text.strip() else [],
+      help="resolutions with self-attention after each block ('' for none)" + preset)
+    a("--patch", type=int, choices=(1, 2, 4), help="pixels per side folded into one UNet input cell" + preset)
+    a("--dropout", type=common.number(0, 1), help="dropout inside the residual blocks" + preset)
     a("--time-cond", action="store_true",
       help="condition the denoiser on t too (off: the optimal masked denoiser needs only x_t, MDLM, "
            "and the samplers can reuse its output while an image does not change)")
-    a("--latent-dim", type=whole(), default=32, help="size of z (VADD)")
-    defaults = dict(max_iters=100_000, batch_size=128, lr=2e-4, warmup_iters=1000, ema=0.9999,
-                    out_dir=os.path.join("out", "mnist"), log_interval=500, eval_interval=5000, ckpt_interval=5000)
-    common.add_training_flags(p, defaults, PRESETS)
+    a("--latent-dim", type=whole(), help="size of z (VADD)" + preset)
+    common.add_training_flags(p, {"out_dir": os.path.join("out", "mnist")}, PRESETS["gpu"])
     return p
 
 
@@ -116,9 +112,7 @@ def parse_config(argv=None):
     if cfg.batch_size % (world * cfg.grad_accum):
         p.error(f"--batch-size {cfg.batch_size} must split evenly over {world} process(es) x --grad-accum "
                 f"{cfg.grad_accum} micro-batches")
-    if cfg.data is not None and not os.path.isdir(cfg.data):
-        p.error(f"--data {cfg.data!r} is not a folder: give the folder that holds the MNIST IDX files")
-    return common.finish_config(cfg, p, [cfg.out_dir] + ([] if cfg.data else [cfg.cache_dir]))
+    return common.finish_config(cfg, p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,72 +127,56 @@ MNIST_MD5 = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
 
 
-def file_md5(path):
-    with open(path, "rb") as f:
-        return hashlib.md5(f.read()).hexdigest()  # 10 MB at most
-
-
 def download_mnist(cache_dir):
-    """Fetch the four gzipped IDX files into cache_dir, each from the first mirror that serves it intact.
-    A download that fails its md5 (corrupt or cut short) is deleted and reported, never used; so is a cached
-    file that no longer matches."""
-    os.makedirs(cache_dir, exist_ok=True)
+    """Fetch the four gzipped IDX files into cache_dir, each from the first mirror that serves it with its known
+    md5. A file that fails the check (corrupt or cut short), cached or just downloaded, is deleted and reported,
+    never used."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--cache-dir {cache_dir} cannot be made a folder ({e.strerror}): choose another")
     for name, md5 in MNIST_MD5.items():
-        path = os.path.join(cache_dir, name)
-        if os.path.exists(path):
-            if file_md5(path) == md5:
-                continue
-            print(f"{path} fails its md5 check: deleted, downloading it again")
-            os.remove(path)
-        errors, part = [], f"{path}.part{os.getpid()}"
-        for mirror in MIRRORS:
+        path, errors = os.path.join(cache_dir, name), []
+        for mirror in [None] + MIRRORS:  # None: the copy already in the cache
             try:
-                print(f"downloading {mirror}{name}")
-                with urllib.request.urlopen(mirror + name, timeout=60) as r, open(part, "wb") as f:
-                    shutil.copyfileobj(r, f)
-                got = file_md5(part)
+                if mirror is not None:
+                    print(f"downloading {mirror}{name}")
+                    with urllib.request.urlopen(mirror + name, timeout=60) as r, open(path, "wb") as f:
+                        shutil.copyfileobj(r, f)
+                with open(path, "rb") as f:
+                    got = hashlib.md5(f.read()).hexdigest()
             except OSError as e:  # URLError, HTTP errors, timeouts, a full disk
-                errors.append(f"{mirror}: {e}")
-                got = None
+                if mirror is not None:  # no copy in the cache is no error
+                    errors.append(f"{mirror}: {e}")
+                continue
             if got == md5:
-                os.replace(part, path)
                 break
-            if os.path.exists(part):
-                os.remove(part)
-            if got is not None:
-                print(f"{mirror}{name} has md5 {got}, not {md5} (corrupt or partial): deleted")
-                errors.append(f"{mirror}: md5 mismatch")
+            os.remove(path)
+            print(f"{path if mirror is None else mirror + name} has md5 {got}, not {md5} (corrupt or cut short): "
+                  f"deleted")
+            errors.append(f"{mirror or path}: md5 mismatch")
         else:
             raise SystemExit(f"could not download {name} intact ({'; '.join(errors)}): put the MNIST files into "
                              f"{cache_dir} by hand, or pass --data with a folder that holds them")
 
 
-def read_idx(path):
-    """An IDX file of unsigned bytes (gzipped or raw) as a numpy array; ValueError with the reason otherwise."""
+def read_images(folder, part):
+    """The uint8 (N, 28, 28) images of MNIST's IDX file `part` ('train' or 't10k', gzipped or not) in folder."""
+    name = os.path.join(folder, f"{part}-images-idx3-ubyte")
+    path = name if os.path.exists(name) else name + ".gz"
     try:
         with open(path, "rb") as f:
-            gzipped = f.read(2) == b"\x1f\x8b"
-        with (gzip.open if gzipped else open)(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:  # a bad or truncated gzip stream
-        raise ValueError(f"{path} cannot be read ({e}): it is corrupt or cut short; fetch it again") from None
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} has magic number {data[:4].hex()}, not 000008xx: it is not an IDX file of bytes")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    dims = struct.unpack(f">{ndim}I", data[4:header]) if len(data) >= header else ()
-    if len(data) < header or len(data) != header + math.prod(dims):
-        raise ValueError(f"{path} holds {len(data)} bytes where its header promises "
-                         f"{header + math.prod(dims) if dims else header}: it is cut short or corrupt; "
-                         f"fetch it again")
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
-
-
-def find_idx(folder, name):
-    for candidate in (name, name + ".gz"):
-        if os.path.exists(os.path.join(folder, candidate)):
-            return os.path.join(folder, candidate)
-    raise SystemExit(f"{folder} has no {name} (nor {name}.gz): put the MNIST IDX files there")
+        data = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    except (FileNotFoundError, NotADirectoryError):
+        raise SystemExit(f"{folder} has no {part}-images-idx3-ubyte (nor .gz): put the MNIST IDX files there")
+    except (OSError, EOFError, zlib.error):  # a bad or truncated gzip stream
+        data = b""
+    n, rows, cols = struct.unpack(">3I", data[4:16]) if len(data) >= 16 else (0, 0, 0)
+    if data[:4] != b"\x00\x00\x08\x03" or (rows, cols) != (28, 28) or len(data) != 16 + n * 28 * 28:
+        raise SystemExit(f"{path} is not an intact IDX file of 28 x 28 images of bytes (corrupt, cut short or "
+                         f"another file): fetch it again")
+    return np.frombuffer(data, np.uint8, offset=16).reshape(n, 28, 28)
 
 
 def binarize(images):
@@ -212,19 +190,9 @@ def load_mnist(cfg):
     """(train, val, test) as int64 tensors (N, 32, 32): the images of --data, or of full MNIST downloaded
     into the cache. Validation is a fixed random carve-out of the training images (the same for every
     seed). The label files are downloaded with the rest but not read: the model is unconditional."""
-    folder = cfg.data or cfg.cache_dir
     if cfg.data is None:
         download_mnist(cfg.cache_dir)
-    split = {}
-    for part in ("train", "t10k"):
-        try:
-            images = read_idx(find_idx(folder, f"{part}-images-idx3-ubyte"))
-        except ValueError as e:
-            raise SystemExit(f"MNIST in {folder}: {e}") from None
-        if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise SystemExit(f"MNIST in {folder}: the {part} images have shape {images.shape}, not (N, 28, 28)")
-        split[part] = binarize(images)
-    train, test = split["train"], split["t10k"]
+    train, test = (binarize(read_images(cfg.data or cfg.cache_dir, part)) for part in ("train", "t10k"))
     if cfg.val_images >= len(train):
         raise SystemExit(f"--val-images {cfg.val_images} leaves no training images of the {len(train)}: lower it")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1234))
@@ -469,14 +437,12 @@ def sample(model, num, T, sampler, cfg):
     still hold a [M] and whose input (x_t or z) changed since its last call: without a time input its output
     would be the same. Returns (uint8 images (num, 32, 32), network evaluations per image)."""
     device, latent, out, evaluations = next(model.parameters()).device, SAMPLERS[sampler][2], [], 0
-    beat = common.Heartbeat(f"[{sampler}] sampling {num} images in {T} steps")
     for start in range(0, num, cfg.sample_batch):
         n = min(cfg.sample_batch, num - start)
         xt = torch.full((n, SIZE, SIZE), model.mask_id, dtype=torch.long, device=device)
         logits = torch.empty(n, SIZE, SIZE, V, device=device)
         z, stale = None, torch.ones(n, dtype=torch.bool, device=device)
         for i in range(T, 0, -1):
-            beat(f"images {start + 1}-{start + n} of {num}, step {T - i + 1} of {T}")
             new_z = latent(z, n, model)
             stale |= new_z is not z or model.time_cond
             z, t = new_z, torch.full((n,), i / T, device=device)
@@ -505,10 +471,8 @@ def likelihoods(model, x0, cfg):
     device, per, vadd = torch.device(cfg.device), {}, model.recognition is not None
     chunk = min(cfg.eval_batch, common.rows_per_call(D, V))
     samplers = [s for s, (_, method, _) in SAMPLERS.items() if method == model.method]
-    beat = common.Heartbeat(f"[{model.method}] likelihoods of {len(x0)} test images x {cfg.eval_repeats}")
-    for repeat in range(cfg.eval_repeats):
-        for done, x in enumerate(x0.split(chunk)):
-            beat(f"pass {repeat + 1}, {done * chunk} images done")
+    for _ in range(cfg.eval_repeats):
+        for x in x0.split(chunk):
             x, figures = x.to(device), {}
             with common.autocast(device, cfg.dtype):
                 figures["delbo" if vadd else "mdm_nelbo"] = delbo(model, x, 1.0)[0]
@@ -544,15 +508,43 @@ def nearest_hamming(images, reference, chunk=1000):
     return float(torch.cat(dists).mean())
 
 
+def evaluate(model, method, cfg, test_x, train_x, rank, world):
+    """The method's likelihood entry for metrics.json (no likelihoods with --sample-only) and its by_steps
+    rows: every sampler of the method at every --steps count, drawn by rank 0 alone (cheap next to training)
+    and saved as samples_<sampler>_T<T>.npy and .png."""
+    common.seed_everything(cfg.seed + 1 + rank)  # each rank its own draws for its share of the test set
+    figures = {} if cfg.sample_only else likelihoods(model, test_x[rank::world], cfg)
+    for key, (mean, se) in figures.items():
+        if isinstance(key, str):
+            common.print0(f"[{method}] {key} {mean:.4f} +- {se:.4f} bpd")
+    rows = []
+    for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method and rank == 0]:  # rank 0 alone
+        for T in cfg.steps:
+            t0 = time.time()
+            images, nfe = sample(model, cfg.num_samples, T, sampler, cfg)
+            row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe,
+                   "nn_hamming": nearest_hamming(images, train_x)}
+            bound = ""
+            if (sampler, T) in figures:
+                row["bound"], row["bound_se"] = figures[sampler, T]
+                bound = f", valid bound {row['bound']:.4f} +- {row['bound_se']:.4f}"
+            print(f"[{sampler}] T={T}: {len(images)} samples in {row['sample_seconds']:.1f}s{bound}", flush=True)
+            rows.append(row)
+            np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
+            save_grid(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), images,
+                      f"{SAMPLERS[sampler][0]}, T = {T}")
+    return common.likelihood_entry(figures, cfg.iw_samples), rows
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training (DDP through torchrun: each rank takes its slice of the global batch, rank 0 writes)
 
 HISTORY_EVERY = 20  # iterations averaged into one point of the training curve
 
 
-def train(cfg, method, data, ckpt, rank, world, clock=None):
+def train(cfg, method, data, ckpt, rank, world):
     """Train one method on data = (train, validation images), from a checkpoint if given; returns the model
-    with its EMA weights loaded, the history (training curve, validation points) and a summary."""
+    with its EMA weights loaded, the history (training curve in bpd, validation points) and a summary."""
     device, (train_x, val_x) = torch.device(cfg.device), data
     common.seed_everything(cfg.seed)  # both methods, and every rank, start from the same weights
     model = Model(cfg, method).to(device)
@@ -561,19 +553,17 @@ def train(cfg, method, data, ckpt, rank, world, clock=None):
     rng = np.random.default_rng(cfg.seed)  # one data stream: each rank takes its slice of every global batch
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank)  # its own times, masks and z on each rank
-    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, None
+    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, {"train": [], "val": []}
     if ckpt is not None:
         start, history = common.resume(ckpt, model, opt, ema, rng, device, rank, world, cfg.seed + 1)
-        common.print0(f"[{method}] resumed from {path} at iteration {start}")
     ddp = DDP(model, device_ids=None if device.index is None else [device.index]) if world > 1 else model
     step = torch.compile(ddp) if cfg.compile else ddp
     evaluator = copy.deepcopy(model).eval()
     sizes = ", ".join(f"{k} {sum(p.numel() for p in part.parameters()) / 1e6:.2f}M"
                       for k, part in model.named_children())
-    common.print0(f"[{method}] parameters: {sizes}; {cfg.max_iters} iterations of {cfg.batch_size} images on "
-                  f"{world} process(es) x {cfg.grad_accum} micro-batch(es)")
-    progress = common.Progress(start, cfg.max_iters, cfg.batch_size, "images/s", clock)
-    log = common.TrainingLog(method, cfg, progress, history, HISTORY_EVERY, path, "bpd", bpd)
+    common.print0(f"[{method}] parameters: {sizes}; iterations {start} to {cfg.max_iters} of {cfg.batch_size} "
+                  f"images on {world} process(es) x {cfg.grad_accum} micro-batch(es)")
+    meter = common.Meter(method, start, cfg.max_iters, cfg.batch_size, "images/s")
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
             group["lr"] = common.lr_at(it, cfg)
@@ -592,15 +582,26 @@ def train(cfg, method, data, ckpt, rank, world, clock=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model)
-        log.add(*figures)
-        if log.validation_due(it + 1):  # on the EMA weights, at lambda 1
+        meter.add(*figures)
+        it += 1  # iterations done
+        save = it % cfg.ckpt_interval == 0 or it == cfg.max_iters
+        if it % HISTORY_EVERY == 0 or save:  # a NaN stops the run here, before the checkpoint below
+            loss, kl = meter.mean("curve", it)
+            history["train"].append((it, bpd(loss), kl, lam))
+        if it % cfg.log_interval == 0 or it == cfg.max_iters:
+            loss, kl = meter.mean("line", it)
+            common.print0(meter.line(it, loss=bpd(loss), kl=kl, **{"lambda": lam}))
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:  # the EMA weights at lambda 1
             ema.copy_to(evaluator)
-            log.validated(it + 1, validate(evaluator, val_x[rank::world], cfg),
-                          "DELBO" if method == "vadd" else "NELBO", "bpd")
-        log.after(it + 1, lam, lambda: common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method),
-                                                             log.history, rng, device))
+            history["val"].append((it, validate(evaluator, val_x[rank::world], cfg)))
+            common.print0(f"[{method}] iter {it:7d} | validation {'DELBO' if method == 'vadd' else 'NELBO'} "
+                          f"{history['val'][-1][1]:.4f} bpd (EMA weights, lambda 1)")
+        if save:
+            state = common.training_state(model, opt, ema, it, weight_settings(cfg, method), history, rng, device)
+            if rank == 0:
+                common.save_atomic(state, path)
     ema.copy_to(model)
-    return model.eval(), log.history, progress.summary(device)
+    return model.eval(), history, meter.summary(device)
 
 
 def weight_settings(cfg, method):
@@ -620,50 +621,32 @@ def main(argv=None):
     cfg = parse_config(argv)
     rank, world = common.setup_ddp(cfg)
     try:
-        methods, trained, checkpoints, method_of, clock = common.plan(cfg, weight_settings, SAMPLERS)
         train_x, val_x, test_x = load_mnist(cfg)
-        if rank == 0:  # after the data is checked, before any training
-            common.prepare_out_dir(cfg, trained, method_of)
         common.print0(f"MNIST: {len(train_x)} training, {len(val_x)} validation, {len(test_x)} test images "
                       f"of 32 x 32")
+        methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
+        training = not (cfg.eval_only or cfg.sample_only)
+        checkpoints = {m: common.read_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
+        if rank == 0:
+            common.make_out_dir(cfg)
         run_start, histories = time.time(), {}
         metrics = {"unit": "bits per dimension (nats per image / (1024 ln 2))", "config": {}, "likelihood": {},
                    "training": {}, "by_steps": []}
         for method in methods:
-            if method in trained:
-                model, histories[method], summary = train(cfg, method, (train_x, val_x), checkpoints[method], rank,
-                                                          world, clock)
-                metrics["training"][method] = summary
-                metrics["config"][method] = dict(vars(cfg))
+            if training:
+                model, histories[method], metrics["training"][method] = train(
+                    cfg, method, (train_x, val_x), checkpoints[method], rank, world)
             else:  # the EMA weights of the checkpoint
-                model = Model(cfg, method).to(cfg.device)
+                model, histories[method] = Model(cfg, method).to(cfg.device), checkpoints[method]["history"]
                 model.load_state_dict(checkpoints[method]["ema"]["params"])
-                model, histories[method] = model.eval(), checkpoints[method]["history"]
-            evaluation_start = time.time()
-            common.seed_everything(cfg.seed + 1 + rank)  # each rank its own draws for its share of the test set
-            figures = {} if cfg.sample_only else likelihoods(model, test_x[rank::world], cfg)
-            metrics["likelihood"][method] = common.likelihood_entry(figures, cfg.iw_samples)
-            if rank:
-                continue  # rank 0 samples alone: cheap next to training
-            for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
-                for T in cfg.steps:
-                    t0 = time.time()
-                    images, nfe = sample(model, cfg.num_samples, T, sampler, cfg)
-                    row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe,
-                           "nn_hamming": nearest_hamming(images, train_x)}
-                    if (sampler, T) in figures:
-                        row["bound"], row["bound_se"] = figures[sampler, T]
-                    metrics["by_steps"].append(row)
-                    np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
-                    save_grid(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), images,
-                              f"{SAMPLERS[sampler][0]}, T = {T}")
-            if method in trained:
-                clock.method_done(time.time() - evaluation_start)
+            metrics["config"][method] = dict(vars(cfg))
+            metrics["likelihood"][method], rows = evaluate(model.eval(), method, cfg, test_x, train_x, rank, world)
+            metrics["by_steps"] += rows
         if rank:
             return None
         metrics["test_nn_hamming"] = nearest_hamming(spread(test_x, min(cfg.num_samples, len(test_x))), train_x)
         metrics["seconds"] = time.time() - run_start
-        metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
+        metrics = common.save_metrics(cfg.out_dir, metrics, methods, SAMPLERS)
         plot_overview(os.path.join(cfg.out_dir, "overview.png"), cfg, spread(test_x, 16).numpy(), metrics)
         lines = [(metrics["likelihood"][m][key], label, style) for m, key, label, style in [
             ("mdm", "mdm_nelbo", "MDM NELBO (continuous time, a bound)", ":"),
@@ -721,7 +704,8 @@ def save_grid(path, images, title):
     cols = min(10, math.ceil(math.sqrt(len(images))))
     fig, ax = plt.subplots(figsize=(cols * 0.6 + 0.4, math.ceil(min(len(images), cols * cols) / cols) * 0.6 + 0.5))
     ax.imshow(tile(images[:cols * cols], cols), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off(), ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=8)
     common.savefig(fig, path)
 
 
@@ -738,7 +722,7 @@ def plot_overview(path, cfg, data, metrics, per_cell=16):
             images = data if row == "data" else np.load(saved) if os.path.exists(saved) else None
             if images is not None and (row != "data" or c == 0):
                 ax.imshow(tile(images[:per_cell], 4), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([]), ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             for side in ax.spines.values():
                 side.set_visible(row != "data" or c == 0)
             if r == 1:

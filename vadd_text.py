@@ -6,19 +6,18 @@ with few steps writes tokens that do not agree with each other; VADD conditions 
 latent z, one per sequence, inferred in training by a recognition transformer and drawn from N(0, I) when
 sampling.
 
-    python vadd_text.py --steps 5       # tiny-shakespeare: MDLM-small on a GPU; on a CPU the cpu preset (~10 min)
-    python vadd_text.py --preset cpu --method both --eval-model none --steps 1,2,4,8,128   # CPU: ~12 min, 2 cores
-    torchrun --nproc_per_node 8 vadd_text.py --data openwebtext --method both --max-iters 100000 --kl-warmup 100000
+    python vadd_text.py                     # tiny-shakespeare, MDM then VADD: a 6-layer DiT on characters
+                                            # on a GPU, the smaller cpu preset on a CPU
+    python vadd_text.py --data my.txt --steps 1,2,4,8,128 --eval-model gpt2-large
+    torchrun --nproc_per_node 8 vadd_text.py --data openwebtext --max-iters 100000 --kl-warmup 100000
 
 Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main.
 The method: docs/method.md; what all scripts share (schedule, reverse step, bounds, run utilities): common.py.
 """
-import argparse
 import contextlib
 import copy
 import hashlib
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -37,66 +36,73 @@ import common
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
 
-NAMED = ("shakespeare", "openwebtext", "lm1b")
-PRESETS = {  # gpu: MDLM-small's DiT (12 layers, 768 wide, 12 heads, conditioning 128), z of 512 as in VADD.
-    # cpu: a 4-layer DiT on characters (text files), sized so that `--steps 5` runs in about 10 minutes on 2 cores
-    "gpu": dict(layers=12, width=768, heads=12, cond_dim=128, latent_dim=512, dropout=0.1),
+PRESETS = {  # sizes and budget; each value can be overridden by its flag. docs/text.md says how each was sized
+    # cpu: a 4-layer DiT on characters, small enough for a 2-core CPU
     "cpu": dict(layers=4, width=128, heads=4, cond_dim=64, latent_dim=32, dropout=0.0, tokenizer="char",
                 block_size=128, max_iters=1000, batch_size=32, lr=1e-3, warmup_iters=100, ema=0.99,
                 num_eval=256, iw_samples=8, log_interval=50, eval_interval=500, ckpt_interval=500),
+    # gpu (text files): nanoGPT's Shakespeare-character model, 6 layers x 384, for corpora of about 1M tokens
+    "gpu": dict(layers=6, width=384, heads=6, cond_dim=128, latent_dim=64, dropout=0.2, tokenizer="char",
+                block_size=256, max_iters=5000, batch_size=64, lr=1e-3, warmup_iters=100, ema=0.999,
+                num_eval=512, iw_samples=16, log_interval=100, eval_interval=1000, ckpt_interval=1000),
+    # mdlm (openwebtext, lm1b): MDLM-small's DiT with GPT-2 tokens and MDLM's AdamW; z of 512 as in VADD
+    "mdlm": dict(layers=12, width=768, heads=12, cond_dim=128, latent_dim=512, dropout=0.1, tokenizer="gpt2",
+                 block_size=256, max_iters=5000, batch_size=64, lr=3e-4, warmup_iters=200, ema=0.999,
+                 num_eval=512, iw_samples=16, log_interval=100, eval_interval=1000, ckpt_interval=1000),
 }
-BLOCK_SIZE = {"openwebtext": 1024, "lm1b": 128}  # MDLM's lengths; 256 for everything else
+BLOCK_SIZE = {"openwebtext": 1024, "lm1b": 128}  # MDLM's lengths, whatever the preset
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a, whole, number = p.add_argument, common.whole, common.number
+    p = common.parser(__doc__)
+    a, whole, number, preset = p.add_argument, common.whole, common.number, " (default from --preset)"
     a("--data", default="shakespeare", help="a UTF-8 text file, a folder with train.bin/val.bin/meta.json, or "
       "one of: shakespeare (tiny-shakespeare, downloaded once), openwebtext, lm1b (via `datasets`)")
-    a("--tokenizer", choices=("gpt2", "char"), help="for text files: GPT-2 BPE or characters (--preset cpu)")
-    a("--steps", type=common.counts, default="5", help="denoising step counts to sample and bound, e.g. 1,2,4,8")
-    a("--sampler", default="cs", choices=("cs", "vanilla", "both"),
-      help="VADD sampler: one z per sequence (cs, default), a fresh z every step (vanilla), or both")
-    a("--num-samples", type=whole(), default=64, help="sequences drawn per sampler and step count")
-    a("--sample-batch", type=whole(), default=32, help="sequences sampled at once")
-    a("--num-eval", type=whole(), default=512, help="validation windows for the likelihoods (cycled if fewer)")
-    a("--eval-batch", type=whole(), default=32, help="windows per evaluation call")
-    a("--iw-samples", type=whole(), default=16, help="draws of z for the importance-weighted DELBO")
+    a("--tokenizer", choices=("gpt2", "char"), help="for text files: GPT-2 BPE or characters" + preset)
+    a("--steps", type=common.counts, default="5",
+      help="denoising step counts to sample and bound, comma separated (default 5)")
+    a("--num-samples", type=whole(), default=64, help="sequences drawn per sampler and step count (default 64)")
+    a("--sample-batch", type=whole(), default=32, help="sequences sampled at once (default 32)")
+    a("--num-eval", type=whole(), help="validation windows for the likelihoods, the first ones of the split "
+      "(cycled if it has fewer)" + preset)
+    a("--eval-batch", type=whole(), default=32, help="windows per evaluation call (default 32)")
+    a("--iw-samples", type=whole(), help="draws of z for the importance-weighted DELBO" + preset)
     a("--exact-bounds", action="store_true",
       help="sum all T steps of each T-step bound (T calls) instead of the unbiased one-random-step estimate")
-    a("--eval-model", help="causal LM scoring the samples' generative perplexity, a Hugging Face name or local "
-      "folder; 'none' skips it (default gpt2-large when `transformers` is installed, else skipped)")
-    a("--block-size", type=whole(2), help="tokens per sequence (default 1024 openwebtext, 128 lm1b, else 256)")
-    # model: a preset of sizes, each overridable
-    a("--preset", choices=tuple(PRESETS), help="gpu: MDLM-small, 5000 iterations of 64 x 256 tokens; cpu: a "
-      "4-layer DiT on characters, 1000 iterations of 32 x 128 (default: gpu where CUDA is, else cpu)")
-    for name, low, what in [("layers", 1, "transformer blocks"), ("width", 2, "hidden width"),
-                            ("heads", 1, "attention heads"), ("cond-dim", 1, "adaLN conditioning width"),
+    a("--eval-model", help="causal LM scoring the samples' generative perplexity, a Hugging Face name (downloaded "
+      "if needed) or a local folder; 'none' skips it (default gpt2-large if it is in the Hugging Face cache)")
+    a("--block-size", type=whole(2), help="tokens per sequence (default 1024 openwebtext, 128 lm1b, else from "
+      "--preset)")
+    a("--preset", choices=tuple(PRESETS), help="sizes and budget, the table PRESETS (default: where CUDA is, mdlm "
+      "for openwebtext and lm1b and gpu for text files; else cpu)")
+    for name, low, what in [("layers", 1, "denoiser blocks"), ("width", 2, "denoiser width"),
+                            ("heads", 1, "denoiser attention heads"), ("cond-dim", 1, "adaLN conditioning width"),
                             ("latent-dim", 1, "size of z (VADD)")]:
-        a(f"--{name}", type=whole(low), help=f"denoiser {what} (default from --preset)")
-    a("--dropout", type=number(0, 1, open_high=True), help="dropout in the blocks (default from --preset)")
+        a(f"--{name}", type=whole(low), help=what + preset)
+    a("--dropout", type=number(0, 1), help="dropout in the blocks" + preset)
     for name, low in (("layers", 1), ("width", 2), ("heads", 1)):
         a(f"--rec-{name}", type=whole(low), help=f"recognition model {name} (default: the denoiser's)")
-    a("--time-cond", action="store_true", help="give the denoiser t (MDLM does not; it stops output reuse)")
+    a("--time-cond", action="store_true",
+      help="condition the denoiser on t too (off: the optimal masked denoiser needs only x_t, MDLM, and the "
+           "samplers can reuse its output while a sequence does not change)")
     a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd", "text"),
       help="where downloads and tokenised data are kept")
-    # MDLM: AdamW at lr 3e-4, betas 0.9/0.999, no weight decay, clipping at 1, EMA (0.9999 over 1M steps: keep
-    # 1/(1 - ema) well under --max-iters)
-    defaults = dict(method="vadd", max_iters=5000, batch_size=64, lr=3e-4, warmup_iters=200, ema=0.999,
-                    log_interval=100, eval_interval=1000, ckpt_interval=1000)
-    common.add_training_flags(p, defaults, PRESETS)
+    keys = {k for values in PRESETS.values() for k in values}
+    common.add_training_flags(p, {}, keys)  # every training default comes from the preset
     return p
 
 
 def parse_config(argv=None):
-    """Parse and check every flag before anything is written; a bad value stops with one sentence."""
+    """Parse the flags; a value that would fail later (a traceback, or after training) stops with one sentence."""
     p = build_parser()
     first = p.parse_args(argv)
-    common.choose_preset(first, "a 4-layer DiT on characters, 1000 iterations of 32 x 128 tokens (about 10 "
-                                "minutes on 2 cores)")
-    preset = {k: v for k, v in PRESETS[first.preset].items() if k != "tokenizer"}
-    p.set_defaults(**{**preset, "preset": first.preset,
-                      "block_size": BLOCK_SIZE.get(first.data, preset.get("block_size", 256))})
+    named = first.preset is not None
+    if common.choose_preset(first, "a 4-layer DiT on characters, 1000 iterations of 32 x 128 tokens per "
+                                   "method") == "gpu" and not named and first.data in BLOCK_SIZE:
+        first.preset = "mdlm"  # MDLM-small for the corpora it was made for
+    preset = PRESETS[first.preset]
+    p.set_defaults(**{**preset, "preset": first.preset, "block_size": BLOCK_SIZE.get(first.data,
+                                                                                       preset["block_size"])})
     cfg = p.parse_args(argv)
     for key in ("layers", "width", "heads"):
         setattr(cfg, f"rec_{key}", getattr(cfg, f"rec_{key}") or getattr(cfg, key))
@@ -108,39 +114,11 @@ def parse_config(argv=None):
     if cfg.batch_size % (world * cfg.grad_accum):
         p.error(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum = "
                 f"{world * cfg.grad_accum}")
-    if cfg.num_eval < world:
+    if cfg.num_eval < world:  # a rank without windows would leave the others waiting
         p.error(f"--num-eval {cfg.num_eval} must be at least the number of processes, {world}")
-    name = cfg.data if cfg.data in NAMED else None  # else a prepared folder or a non-empty text file
-    if name is None and not os.path.exists(cfg.data):
-        p.error(f"--data {cfg.data!r}: no such file or folder, and not one of {', '.join(NAMED)}")
-    missing = [f for f in ("train.bin", "val.bin", "meta.json") if not os.path.isfile(os.path.join(cfg.data, f))]
-    if name is None and os.path.isdir(cfg.data) and missing:
-        p.error(f"--data {cfg.data!r}: the folder lacks {', '.join(missing)} (a prepared folder holds "
-                f"train.bin, val.bin and meta.json)")
-    if name is None and os.path.isfile(cfg.data) and os.path.getsize(cfg.data) == 0:
-        p.error(f"--data {cfg.data!r} is empty: give a text file with some text in it")
-    if cfg.tokenizer and (name in ("openwebtext", "lm1b") or os.path.isdir(cfg.data)):
-        p.error(f"--tokenizer is for text files: --data {cfg.data} comes with its own tokens; drop the flag")
-    cfg.tokenizer = cfg.tokenizer or PRESETS[cfg.preset].get("tokenizer", "gpt2")
-    if name in ("openwebtext", "lm1b") and not os.path.exists(prepared_folder(cfg)) and not have("datasets"):
-        p.error(f"--data {name} needs the `datasets` package to download it: pip install datasets")
-    if name == "lm1b" and not have("transformers"):
-        p.error("--data lm1b uses bert-base-uncased tokens (MDLM) from `transformers`: pip install transformers")
-    cfg.default_scorer = cfg.eval_model is None  # the default scores where it can, and is skipped elsewhere
-    if cfg.default_scorer and not have("transformers"):
-        print("note: generative perplexity is skipped: it needs `pip install transformers` (and GPT-2 Large)")
-    cfg.eval_model = cfg.eval_model or ("gpt2-large" if have("transformers") else "none")
-    cfg.eval_model = None if cfg.eval_model.lower() == "none" else cfg.eval_model
-    if cfg.eval_model and not have("transformers"):
-        p.error(f"--eval-model {cfg.eval_model} needs the `transformers` package: pip install transformers "
-                f"(or pass --eval-model none to skip generative perplexity)")
-    data_name = name or os.path.splitext(os.path.basename(os.path.normpath(cfg.data)))[0]
-    cfg.out_dir = cfg.out_dir or os.path.join("out", "text", data_name)
-    return common.finish_config(cfg, p, [cfg.out_dir, cfg.cache_dir])
-
-
-def have(package):
-    return importlib.util.find_spec(package) is not None
+    name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data)))[0]
+    cfg.out_dir = cfg.out_dir or os.path.join("out", "text", name)
+    return common.finish_config(cfg, p)
 
 
 def need(package):
@@ -181,6 +159,9 @@ def prepared_folder(cfg):
         return cfg.data
     if cfg.data == "shakespeare":  # a fixed text, checked by its size when downloaded
         return os.path.join(cfg.cache_dir, f"shakespeare-{cfg.tokenizer}")
+    if not os.path.isfile(cfg.data):
+        raise SystemExit(f"--data {cfg.data!r}: no such file or folder, and not one of shakespeare, openwebtext, "
+                         f"lm1b")
     with open(cfg.data, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(cfg.data))[0]
@@ -230,11 +211,11 @@ def prepare_text_file(path, folder, tokenizer):
             text = f.read()
     except UnicodeDecodeError as e:
         raise SystemExit(f"--data {path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it first")
+    if not text:
+        raise SystemExit(f"--data {path} is empty: give a text file with some text in it")
     if tokenizer == "char":
         codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)  # one code point per character
-        alphabet = np.unique(codes)
-        if len(alphabet) > 65536:
-            raise SystemExit(f"--data {path} has {len(alphabet)} distinct characters, more than uint16 ids hold")
+        alphabet = np.unique(codes)  # more than 65536 characters: refused by load_data (uint16 ids)
         ids = np.searchsorted(alphabet, codes)
         meta = {"vocab_size": len(alphabet), "tokenizer": "char", "alphabet": "".join(map(chr, alphabet))}
     else:
@@ -290,6 +271,10 @@ def load_data(cfg, rank):
             prepare_text_file(path, folder, cfg.tokenizer)
     if dist.is_initialized():
         dist.barrier()
+    missing = [f for f in ("train.bin", "val.bin", "meta.json") if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise SystemExit(f"--data {cfg.data!r}: the folder lacks {', '.join(missing)} (a prepared folder holds "
+                         f"train.bin, val.bin and meta.json)")
     try:
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
@@ -544,12 +529,6 @@ SAMPLERS = {  # name: (label, the method whose model it samples, its z at each s
 }
 
 
-def samplers_of(method, cfg):
-    """The samplers run for `method`: all of MDM's; of VADD's, the one --sampler names (cs, vanilla) or all."""
-    chosen = {"cs": "vadd_cs", "vanilla": "vadd"}.get(cfg.sampler)
-    return [s for s, (_, m, _) in SAMPLERS.items() if m == method and (m == "mdm" or chosen in (None, s))]
-
-
 @torch.no_grad()
 def sample(model, num, T, sampler, cfg):
     """num sequences from `sampler` in T steps, --sample-batch at a time. The denoiser runs only on sequences
@@ -557,13 +536,11 @@ def sample(model, num, T, sampler, cfg):
     output would be the same. Returns (tokens, network evaluations per sequence)."""
     device, latent, V, L = torch.device(cfg.device), SAMPLERS[sampler][2], model.vocab_size, cfg.block_size
     out, evaluations = [], 0
-    beat = common.Heartbeat(f"[{sampler}] sampling {num} sequences in {T} steps")
     for first in range(0, num, cfg.sample_batch):
         b = min(cfg.sample_batch, num - first)
         xt = torch.full((b, L), model.mask_id, dtype=torch.long, device=device)
         logits, z, stale = None, None, torch.ones(b, dtype=torch.bool, device=device)
         for i in range(T, 0, -1):
-            beat(f"sequences {first + 1}-{first + b} of {num}, step {T - i + 1} of {T}")
             new_z = latent(z, b, model)
             stale |= new_z is not z or model.time_cond
             z, t = new_z, torch.full((b,), i / T, device=device)
@@ -590,12 +567,10 @@ def likelihoods(model, x0, cfg):
     """Validation figures in nats per token, each (mean, standard error) over all ranks: the continuous-time
     NELBO (MDM, a bound) or the DELBO and its importance-weighted version (VADD; comparison figures, not
     bounds), the KL of r to the prior (nats per sequence), and under (sampler, T) the valid T-step bound of
-    every sampler at every step count."""
+    every sampler of the method at every step count."""
     device, L, V, rec = torch.device(cfg.device), cfg.block_size, model.mask_id, model.recognition
-    values, chunk = {}, min(cfg.eval_batch, common.rows_per_call(L, V))
-    beat = common.Heartbeat(f"[{model.method}] likelihoods of {len(x0)} windows")
-    for done, x in enumerate(x0.split(chunk)):
-        beat(f"{done * chunk} done")
+    values = {}
+    for x in x0.split(min(cfg.eval_batch, common.rows_per_call(L, V))):
         x = x.to(device)
         with common.autocast(device, cfg.dtype):
             loss, kl = delbo(model, x, 1.0)
@@ -603,7 +578,7 @@ def likelihoods(model, x0, cfg):
             if rec is not None:
                 batch["kl"] = kl
                 batch["iw_delbo"] = common.iw_delbo(x, model.denoise, rec, model.schedule, V, cfg.iw_samples) / L
-            for sampler in samplers_of(model.method, cfg):
+            for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == model.method]:
                 for T in cfg.steps:
                     batch[sampler, T] = common.step_bound(x, model.denoise, model.schedule, V, T, rec, sampler,
                                                           exact=cfg.exact_bounds) / L
@@ -615,39 +590,29 @@ def likelihoods(model, x0, cfg):
 def unigram_entropy(tokens):
     """Mean over sequences of the entropy (nats) of each sequence's token histogram: low values flag the
     repetitive samples that a low generative perplexity can hide."""
-    out = []
-    for row in tokens:
-        p = np.unique(row, return_counts=True)[1] / len(row)
-        out.append(float(-(p * np.log(p)).sum()))
-    return float(np.mean(out))
+    p = [np.unique(row, return_counts=True)[1] / len(row) for row in tokens]
+    return float(np.mean([float(-(q * np.log(q)).sum()) for q in p]))
 
 
 def load_scorer(cfg):
-    """The causal LM of --eval-model, loaded before training. Asked for by name, it must load; the default
-    (GPT-2 Large) is downloaded once if it is not cached, and skipped with one line where it cannot be loaded."""
-    transformers = need("transformers")
-    load = lambda **kw: (transformers.AutoTokenizer.from_pretrained(cfg.eval_model, **kw),  # noqa: E731
-                         transformers.AutoModelForCausalLM.from_pretrained(cfg.eval_model, **kw))
+    """The causal LM of --eval-model, loaded before training. Asked for by name it must load (downloaded if
+    needed); the default, GPT-2 Large, is used only if it is already in the Hugging Face cache: no run
+    downloads 3.2 GB that nobody asked for."""
+    name, cached_only = cfg.eval_model or "gpt2-large", cfg.eval_model is None
+    if name.lower() == "none":
+        return None
     try:
-        try:
-            tok, lm = load(local_files_only=True)
-        except OSError:
-            hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-            try:  # one quick look first: offline, the hub client would retry for most of a minute
-                urllib.request.urlopen(urllib.request.Request(hub, method="HEAD"), timeout=5).close()
-            except OSError:
-                raise OSError(f"{hub} cannot be reached") from None
-            size = " (about 3.2 GB)" if cfg.eval_model == "gpt2-large" else ""
-            print(f"downloading the scorer {cfg.eval_model}{size} once into the Hugging Face cache")
-            tok, lm = load()
-    except (OSError, ValueError) as e:
-        why = (str(e).splitlines() or [e.__class__.__name__])[0]
-        if cfg.default_scorer:
-            print(f"note: generative perplexity is skipped: the scorer {cfg.eval_model} cannot be loaded ({why}); "
-                  f"--eval-model NAME_OR_FOLDER asks for one")
+        import transformers
+        tok = transformers.AutoTokenizer.from_pretrained(name, local_files_only=cached_only)
+        lm = transformers.AutoModelForCausalLM.from_pretrained(name, local_files_only=cached_only)
+    except (ImportError, OSError, ValueError) as e:
+        if cached_only:
+            print("gen-PPL is skipped: GPT-2 Large is not in the Hugging Face cache; --eval-model gpt2-large "
+                  "downloads it (about 3.2 GB, with `pip install transformers`)")
             return None
-        raise SystemExit(f"cannot load the scorer --eval-model {cfg.eval_model} ({why}): give a Hugging Face name "
-                         f"or a local folder, or --eval-model none")
+        why = "pip install transformers" if isinstance(e, ImportError) else str(e).splitlines()[0]
+        raise SystemExit(f"cannot load the scorer --eval-model {name} ({why}): give a Hugging Face name or a "
+                         f"local folder, or --eval-model none")
     return tok, lm.to(cfg.device).eval()
 
 
@@ -671,6 +636,45 @@ def generative_perplexity(texts, scorer, device):
     return math.exp(nll / max(count, 1))
 
 
+def evaluate(model, method, x0, decode, scorer, cfg, rank):
+    """The validation likelihoods (every rank its share of the windows x0), then on rank 0 every sampler of
+    `method` at every --steps T: samples_<sampler>_T<T>.npy and .txt, with their valid bound, unigram entropy
+    and generative perplexity; each figure printed once done. Returns (likelihood entry, by_steps rows)."""
+    common.seed_everything(cfg.seed + 1 + rank)
+    figures = {} if cfg.sample_only else likelihoods(model, x0, cfg)
+    entry = common.likelihood_entry(figures, cfg.iw_samples)
+    for key in [k for k in ("mdm_nelbo", "delbo", "iw_delbo", "kl") if k in entry]:
+        unit = {"mdm_nelbo": "nats/token (a bound)", "kl": "nats/sequence"}.get(key, "nats/token (not a bound)")
+        common.print0(f"[{method}] {key} {entry[key]:.4f} +- {entry[key + '_se']:.4f} {unit}")
+        if key != "kl":
+            entry[key + "_ppl"] = math.exp(entry[key])
+    rows = []
+    if rank != 0:  # the others wait at the next collective
+        return entry, rows
+    common.seed_everything(cfg.seed + 2)  # every method's samples from the same noise seed
+    for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
+        for T in cfg.steps:
+            t0 = time.time()
+            tokens, nfe = sample(model, cfg.num_samples, T, sampler, cfg)
+            row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe}
+            line = f"[{sampler}] T={T}: {cfg.num_samples} samples in {row['sample_seconds']:.1f}s"
+            if (sampler, T) in figures:
+                row["bound"], row["bound_se"] = figures[sampler, T]
+                row["bound_ppl"] = math.exp(row["bound"])
+                line += f", valid bound {row['bound']:.4f} +- {row['bound_se']:.4f}"
+            texts, row["entropy"] = [decode(r) for r in tokens], unigram_entropy(tokens)
+            line += f", unigram entropy {row['entropy']:.3f}"
+            if scorer is not None:
+                row["gen_ppl"] = generative_perplexity(texts, scorer, cfg.device)
+                line += f", gen-PPL {row['gen_ppl']:.2f}"
+            print(line)
+            np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), tokens)
+            with open(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.txt"), "w", encoding="utf-8") as f:
+                f.write(f"\n{'=' * 40}\n".join(texts) + "\n")
+            rows.append(row)
+    return entry, rows
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
@@ -682,25 +686,20 @@ PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200
 def flops_per_token(model, L):
     """Training FLOPs per token (nanoGPT / PaLM appendix B): 6 x weights outside embedding tables plus
     12 x layers x width x L for attention, for every network that is trained."""
-    total = 0
-    for net in (model.denoiser, model.recognition):
-        if net is not None:
-            n = sum(p.numel() for name, p in net.named_parameters() if "embed." not in name)
-            blocks = net.transformer.blocks
-            total += 6 * n + 12 * len(blocks) * blocks[0].proj.in_features * L
-    return total
+    nets = [net for net in (model.denoiser, model.recognition) if net is not None]
+    weights = sum(p.numel() for net in nets for name, p in net.named_parameters() if "embed." not in name)
+    widths = sum(len(net.transformer.blocks) * net.transformer.blocks[0].proj.in_features for net in nets)
+    return 6 * weights + 12 * widths * L
 
 
 def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    """One GPU's dense bf16 peak, where its name is in PEAK_BF16_TFLOPS (else None: no MFU)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
-    """Train one method, from a checkpoint if given; returns the model with its EMA weights loaded, the
-    loss history and a summary (throughput, MFU, final KL)."""
+def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
+    """Train one method (from `ckpt` if given): (the model with its EMA weights, its history, its summary)."""
     device = torch.device(cfg.device)
     common.seed_everything(cfg.seed)  # both methods, and every rank, start from the same weights
     model = Model(cfg, method, cfg.vocab_size).to(device)
@@ -709,26 +708,22 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
     rng = np.random.default_rng(cfg.seed)  # window offsets: one stream, the same on every rank
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank)  # times, masks and z: different on every rank
-    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, None
+    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, {"train": [], "val": []}
     if ckpt is not None:
         start, history = common.resume(ckpt, model, opt, ema, rng, device, rank, world, cfg.seed + 1)
-        common.print0(f"[{method}] resumed from {path} at iteration {start}")
     device_ids = [device.index] if device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel(model, device_ids) if world > 1 else model
     step = torch.compile(ddp) if cfg.compile else ddp
     evaluator = copy.deepcopy(model).eval()  # holds the EMA weights for validation
     params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device)
     flops = flops_per_token(model, cfg.block_size)
-    common.print0(f"[{method}] {params / 1e6:.2f}M parameters, {cfg.max_iters} iterations of {cfg.batch_size} x "
-                  f"{cfg.block_size} tokens on {world} process(es)")
-    progress = common.Progress(start, cfg.max_iters, cfg.batch_size * cfg.block_size, "tokens/s", clock)
-    mfu = (lambda it: f" | mfu {100 * flops * progress.rate(it) / peak:4.1f}%") if peak else None
-    log = common.TrainingLog(method, cfg, progress, history, HISTORY_EVERY, path, suffix=mfu)
+    common.print0(f"[{method}] {params / 1e6:.2f}M parameters, iterations {start} to {cfg.max_iters} of "
+                  f"{cfg.batch_size} x {cfg.block_size} tokens on {world} process(es)")
+    meter = common.Meter(method, start, cfg.max_iters, cfg.batch_size * cfg.block_size, "tokens/s")
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
             group["lr"] = common.lr_at(it, cfg)
         lam = common.kl_weight(it, cfg.kl_warmup, cfg.kl_start) if method == "vadd" else 0.0
-        kl_weight = torch.tensor(lam)  # a 0-d CPU tensor: compiled once for every lambda, no copy to the GPU
         offsets = window_offsets(rng, len(train_ids), cfg, rank, world)
         figures = torch.zeros(2, device=device)  # (loss, KL), the mean over the micro-steps
         for m in range(cfg.grad_accum):
@@ -736,7 +731,7 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
             # DDP all-reduces the gradients on the last micro-step only
             with ddp.no_sync() if world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext():
                 with common.autocast(device, cfg.dtype):
-                    loss, kl = step(x0, kl_weight)
+                    loss, kl = step(x0, torch.tensor(lam))  # lambda as a tensor: one compiled graph for all
                 loss = loss.mean() / cfg.block_size  # nats per token
                 (loss / cfg.grad_accum).backward()
             figures += torch.stack([loss.detach(), kl.detach().mean()]) / cfg.grad_accum
@@ -744,21 +739,33 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world, clock=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model)
-        log.add(*figures, norm)
-        if log.validation_due(it + 1):  # one batch per rank, at lambda 1
+        meter.add(*figures, norm)
+        it += 1  # iterations done
+        save = it % cfg.ckpt_interval == 0 or it == cfg.max_iters
+        if it % HISTORY_EVERY == 0 or save:  # a NaN stops the run here, before the checkpoint below
+            history["train"].append((it, *meter.mean("curve", it)[:2], lam))
+        if it % cfg.log_interval == 0 or it == cfg.max_iters:
+            loss, kl = meter.mean("line", it)[:2]
+            mfu = f" | mfu {100 * flops * meter.rate(it) / world / peak:4.1f}%" if peak else ""
+            common.print0(meter.line(it, loss=loss, kl=kl, **{"lambda": lam}) + mfu)
+        if it % cfg.eval_interval == 0 or it == cfg.max_iters:  # one batch per rank, EMA weights, lambda 1
             ema.copy_to(evaluator)
             with torch.no_grad(), common.autocast(device, cfg.dtype):
                 x = val_x0[:min(cfg.eval_batch, common.rows_per_call(cfg.block_size, model.mask_id))].to(device)
                 val = common.mean_se(delbo(evaluator, x, 1.0)[0].float().cpu() / cfg.block_size, device)[0]
-            log.validated(it + 1, val, "DELBO" if method == "vadd" else "NELBO", "nats/token")
-        log.after(it + 1, lam, lambda: common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method),
-                                                             log.history, rng, device))
-    summary = {**progress.summary(device), "params": params, "flops_per_token": flops,
-               "final_kl": log.history["train"][-1][2] if log.history["train"] else None}
-    if peak and summary["tokens_per_s"] > 0:
-        summary["mfu"] = flops * summary["tokens_per_s"] / peak
+            history["val"].append((it, val))
+            common.print0(f"[{method}] iter {it:7d} | validation {'DELBO' if method == 'vadd' else 'NELBO'} "
+                          f"{val:.4f} nats/token (EMA weights, lambda 1)")
+        if save:
+            state = common.training_state(model, opt, ema, it, weight_settings(cfg, method), history, rng, device)
+            if rank == 0:
+                common.save_atomic(state, path)
+    summary = {**meter.summary(device), "params": params, "flops_per_token": flops,
+               "final_kl": history["train"][-1][2] if history["train"] else None}
+    if peak:  # per GPU: the global rate over the processes, against one GPU's peak
+        summary["mfu"] = flops * summary["tokens_per_s"] / world / peak
     ema.copy_to(model)
-    return model.eval(), log.history, summary
+    return model.eval(), history, summary
 
 
 def weight_settings(cfg, method):
@@ -780,14 +787,15 @@ def main(argv=None):
     try:
         train_ids, val_ids, meta = load_data(cfg, rank)
         cfg.vocab_size, cfg.tokenizer = meta["vocab_size"], meta.get("tokenizer", "ids")
-        methods, trained, checkpoints, method_of, clock = common.plan(cfg, weight_settings, SAMPLERS)
-        decode = decoder(meta)
+        methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
+        training = not (cfg.eval_only or cfg.sample_only)
+        checkpoints = {m: common.read_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
         if rank == 0:
-            common.prepare_out_dir(cfg, trained, method_of)
-        scorer = load_scorer(cfg) if cfg.eval_model and rank == 0 else None  # before training: fails early
-        run_start = time.time()
+            common.make_out_dir(cfg)
+        scorer = load_scorer(cfg) if rank == 0 else None  # before training: a scorer asked for must load
+        decode, run_start = decoder(meta), time.time()
         val_x0 = eval_windows(val_ids, cfg, rank, world)
-        blocks = np.arange(cfg.num_samples) % (len(val_ids) // cfg.block_size)
+        blocks = np.arange(cfg.num_samples) % (len(val_ids) // cfg.block_size)  # validation text, as a reference
         reference = get_batch(val_ids, blocks * cfg.block_size, cfg.block_size, "cpu").numpy()
         data = {"entropy": unigram_entropy(reference)}
         if scorer is not None:
@@ -796,88 +804,42 @@ def main(argv=None):
                    "by_steps": [], "bounds": {"mdm_nelbo": True, "delbo": False, "iw_delbo": False}}
         histories = {}
         for method in methods:
-            if method not in trained:
-                model = Model(cfg, method, cfg.vocab_size).to(cfg.device)
-                model.load_state_dict(checkpoints[method]["ema"]["params"])
-                model.eval()
-                histories[method] = checkpoints[method]["history"]
+            if training:
+                model, histories[method], metrics["training"][method] = train(cfg, method, train_ids, val_x0,
+                                                                              checkpoints[method], rank, world)
             else:
-                model, histories[method], summary = train(cfg, method, train_ids, val_x0, checkpoints[method],
-                                                          rank, world, clock)
-                metrics["training"][method] = summary
-                metrics["config"][method] = dict(vars(cfg))
-            evaluation_start = time.time()
-            common.seed_everything(cfg.seed + 1 + rank)
-            figures = {} if cfg.sample_only else likelihoods(model, val_x0, cfg)
-            lik = metrics["likelihood"][method] = common.likelihood_entry(figures, cfg.iw_samples)
-            lik.update({f"{k}_ppl": math.exp(lik[k]) for k in ("mdm_nelbo", "delbo", "iw_delbo") if k in lik})
-            if rank == 0:
-                common.seed_everything(cfg.seed + 2)  # every method's samples from the same noise seed
-                metrics["by_steps"] += sample_rows(model, method, figures, decode, scorer, cfg)
-            if method in trained:
-                clock.method_done(time.time() - evaluation_start)
-        if rank != 0:
-            return None
-        metrics["seconds"] = time.time() - run_start
-        metrics = common.save_metrics(cfg.out_dir, metrics, trained, method_of)
-        common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories, "loss (MDM: NELBO; VADD: "
-                             "DELBO at lambda), nats/token", "VADD: KL(r || p), nats/sequence")
-        common.plot_by_steps(os.path.join(cfg.out_dir, "bounds.png"), metrics["by_steps"], SAMPLERS,
-                             [("bound", "valid T-step bound, nats/token")])
-        print_table(cfg, metrics)
+                model = Model(cfg, method, cfg.vocab_size).to(cfg.device).eval()
+                model.load_state_dict(checkpoints[method]["ema"]["params"])
+                histories[method] = checkpoints[method]["history"]
+            metrics["config"][method] = dict(vars(cfg))
+            metrics["likelihood"][method], rows = evaluate(model, method, val_x0, decode, scorer, cfg, rank)
+            metrics["by_steps"] += rows
+        if rank == 0:
+            metrics["seconds"] = time.time() - run_start
+            metrics = common.save_metrics(cfg.out_dir, metrics, methods, SAMPLERS)
+            common.plot_training(os.path.join(cfg.out_dir, "training.png"), histories, "loss (MDM: NELBO; VADD: "
+                                 "DELBO at lambda), nats/token", "VADD: KL(r || p), nats/sequence")
+            common.plot_by_steps(os.path.join(cfg.out_dir, "bounds.png"), metrics["by_steps"], SAMPLERS,
+                                 [("bound", "valid T-step bound, nats/token")])
+            print_table(cfg, metrics)
         return metrics
     finally:
         common.teardown_ddp()
 
 
-def sample_rows(model, method, figures, decode, scorer, cfg):
-    """Sample every sampler of `method` at every step count; write samples_<sampler>_T<T>.npy and .txt and
-    return the by_steps rows (valid bound from `figures`, unigram entropy, generative perplexity, time)."""
-    rows = []
-    for sampler in samplers_of(method, cfg):
-        for T in cfg.steps:
-            t0 = time.time()
-            tokens, nfe = sample(model, cfg.num_samples, T, sampler, cfg)
-            row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe}
-            if (sampler, T) in figures:
-                bound, se = figures[sampler, T]
-                row.update(bound=bound, bound_se=se, bound_ppl=math.exp(bound))
-            texts = [decode(r) for r in tokens]
-            row["entropy"] = unigram_entropy(tokens)
-            if scorer is not None:
-                row["gen_ppl"] = generative_perplexity(texts, scorer, cfg.device)
-            np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), tokens)
-            with open(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.txt"), "w", encoding="utf-8") as f:
-                f.write(f"\n{'=' * 40}\n".join(texts) + "\n")
-            rows.append(row)
-    return rows
-
-
 def print_table(cfg, metrics):
-    data, lik = metrics["data"], metrics["likelihood"]
-    print(f"\n{cfg.data}: {cfg.vocab_size} tokens ({cfg.tokenizer}), windows of {cfg.block_size}; nats per "
-          f"token, perplexity = exp")
-    for method, key, label in [("mdm", "mdm_nelbo", "MDM NELBO (bound, continuous time)"),
-                               ("vadd", "delbo", "VADD DELBO (not a bound)"),
-                               ("vadd", "iw_delbo", "VADD IW-DELBO, K = {} (not a bound)")]:
-        got = lik.get(method, {})
-        if key in got:
-            label = label.format(got.get("iw_samples"))
-            print(f"  {label:45s} {got[key]:7.4f} +- {got[key + '_se']:.4f}   ppl {got[key + '_ppl']:9.2f}")
-    if "kl" in lik.get("vadd", {}):
-        print(f"  {'VADD KL(r || p) on validation, nats/sequence':45s} {lik['vadd']['kl']:7.3f}")
-    print(f"  validation windows: unigram entropy {data['entropy']:.3f}"
-          + (f", gen-PPL {data['gen_ppl']:.2f}" if "gen_ppl" in data else ""))
-    print(f"\n{'sampler':8s} {'T':>5s} {'valid bound':>18s} {'ppl <=':>9s} {'gen-PPL':>9s} {'entropy':>8s} "
-          f"{'NFE':>7s} {'sec':>7s}")
+    """Every sampler at every T side by side (the likelihoods were printed as they were computed)."""
+    data = metrics["data"]
+    print(f"\nvalid T-step bounds in nats per token; validation text of {cfg.data}: unigram entropy "
+          f"{data['entropy']:.3f}" + (f", gen-PPL {data['gen_ppl']:.2f}" if "gen_ppl" in data else ""))
+    print(f"{'sampler':8s} {'T':>5s} {'valid bound':>18s} {'gen-PPL':>9s} {'entropy':>8s} {'NFE':>7s} {'sec':>7s}")
     for r in metrics["by_steps"]:
         bound = f"{r['bound']:8.4f} +- {r['bound_se']:.4f}" if "bound" in r else f"{'-':>18s}"
-        ppl = f"{r['bound_ppl']:9.2f}" if "bound" in r else f"{'-':>9s}"
         gen = f"{r['gen_ppl']:9.2f}" if "gen_ppl" in r else f"{'-':>9s}"
-        print(f"{r['sampler']:8s} {r['steps']:5d} {bound} {ppl} {gen} {r['entropy']:8.3f} {r['nfe']:7.2f} "
+        print(f"{r['sampler']:8s} {r['steps']:5d} {bound} {gen} {r['entropy']:8.3f} {r['nfe']:7.2f} "
               f"{r['sample_seconds']:7.2f}")
-    print(f"\nwrote {cfg.out_dir}/ (metrics.json, samples_*.npy/.txt, training.png, bounds.png) "
-          f"in {metrics['seconds']:.0f}s")
+    print(f"wrote {cfg.out_dir}/ (metrics.json, samples_*.npy/.txt, training.png, bounds.png) in "
+          f"{metrics['seconds']:.0f}s")
 
 
 if __name__ == "__main__":

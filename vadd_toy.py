@@ -7,11 +7,9 @@ grid; VADD conditions its denoiser on a latent z, so even one step keeps the dat
     python vadd_toy.py                                  # checkerboard, MDM and VADD, about 4 minutes on 2 cores
     python vadd_toy.py --dataset swissroll --steps 1,5  # another dataset, other step counts
 
-Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main, plots.
+Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main.
 The method: docs/method.md; what all scripts share (schedule, reverse step, bounds, run utilities): common.py.
 """
-import argparse
-import math
 import os
 import time
 
@@ -24,13 +22,11 @@ import common
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
 
-DATASETS = ("checkerboard", "swissroll", "circles", "8gaussians", "moons", "pinwheel", "2spirals")
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_config(argv=None):
+    p = common.parser(__doc__)
     a, whole = p.add_argument, common.whole
-    a("--dataset", default="checkerboard", choices=DATASETS, help="2D distribution (default %(default)s)")
+    a("--dataset", default="checkerboard", help="2D distribution (default %(default)s)",
+      choices=("checkerboard", "swissroll", "circles"))
     a("--bins", type=whole(2), default=64, help="bins per coordinate over [-4, 4], the vocabulary V (default 64)")
     a("--steps", type=common.counts, default="1,2,5,10,100", help="denoising step counts to evaluate, e.g. 1,5")
     a("--num-samples", type=whole(), default=50_000, help="points drawn per sampler and step count")
@@ -42,22 +38,16 @@ def build_parser():
     a("--latent-dim", type=whole(), default=2, help="size of z (VADD)")
     common.add_training_flags(p, dict(max_iters=6000, batch_size=512, lr=2e-3, warmup_iters=100, ema=0.999,
                                       schedule="linear", log_interval=500, ckpt_interval=2000), evaluation=False)
-    return p
-
-
-def parse_config(argv=None):
-    """Parse and check every flag before anything is written; a bad value stops with one sentence."""
-    p = build_parser()
     cfg = p.parse_args(argv)
     cfg.out_dir = cfg.out_dir or os.path.join("out", "toy", cfg.dataset)
-    return common.finish_config(cfg, p, [cfg.out_dir])
+    return common.finish_config(cfg, p)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: continuous 2D points drawn on the fly, then each coordinate binned into a token
 
 def draw_points(dataset, n, rng):
-    """n points of a 2D distribution (the FFJORD toy set, the usual benchmark), as an (n, 2) float array."""
+    """n points of one of the paper's 2D distributions (from the FFJORD toy set), as an (n, 2) float array."""
     u = rng.uniform(size=n)
     if dataset == "checkerboard":  # 8 squares of side 2, uniform over half of [-4, 4]^2: ln 2048 nats at 64 bins
         x1 = rng.uniform(-2, 2, n)
@@ -66,30 +56,9 @@ def draw_points(dataset, n, rng):
     if dataset == "swissroll":
         t = 1.5 * np.pi * (1 + 2 * u)
         return (np.stack([t * np.cos(t), t * np.sin(t)], 1) + rng.normal(size=(n, 2))) / 5
-    if dataset == "circles":  # two rings, radii 3 and 1.5
-        radius = np.where(rng.integers(0, 2, n) == 0, 1.0, 0.5)
-        angle = 2 * np.pi * u
-        ring = radius[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1)
-        return (ring + 0.08 * rng.normal(size=(n, 2))) * 3
-    if dataset == "8gaussians":
-        angle = 2 * np.pi * rng.integers(0, 8, n) / 8
-        centres = 4 * np.stack([np.cos(angle), np.sin(angle)], 1)
-        return (centres + 0.5 * rng.normal(size=(n, 2))) / math.sqrt(2)
-    if dataset == "moons":
-        angle = np.pi * u
-        upper = rng.integers(0, 2, n)[:, None] == 0
-        xy = np.where(upper, np.stack([np.cos(angle), np.sin(angle)], 1),
-                      np.stack([1 - np.cos(angle), 0.5 - np.sin(angle)], 1))
-        return (xy + 0.1 * rng.normal(size=(n, 2))) * 2 + np.array([-1.0, -0.2])
-    if dataset == "pinwheel":  # 5 arms
-        features = rng.normal(size=(n, 2)) * np.array([0.3, 0.1]) + np.array([1.0, 0.0])
-        angle = 2 * np.pi * rng.integers(0, 5, n) / 5 + 0.25 * np.exp(features[:, 0])
-        c, s = np.cos(angle), np.sin(angle)
-        return 2 * np.stack([features[:, 0] * c - features[:, 1] * s, features[:, 0] * s + features[:, 1] * c], 1)
-    r = np.sqrt(u) * 3 * np.pi  # 2spirals
-    arm = np.stack([-np.cos(r) * r, np.sin(r) * r], 1) + 0.5 * rng.uniform(size=(n, 2))
-    sign = np.where(rng.integers(0, 2, n) == 0, 1.0, -1.0)[:, None]
-    return sign * arm / 3 + 0.1 * rng.normal(size=(n, 2))
+    radius = np.where(rng.integers(0, 2, n) == 0, 1.0, 0.5)  # circles: two rings, radii 3 and 1.5
+    ring = radius[:, None] * np.stack([np.cos(2 * np.pi * u), np.sin(2 * np.pi * u)], 1)
+    return (ring + 0.08 * rng.normal(size=(n, 2))) * 3
 
 
 def draw_tokens(dataset, n, bins, rng):
@@ -136,18 +105,16 @@ class ResidualBlock(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """mu_theta(x0 | x_t, z): an MLP over the two embedded tokens ([M] = id V has its own embedding in each
-    coordinate), returning V logits per coordinate, so [M] is never predicted. For VADD an MLP of z is added
-    to the first hidden layer and modulates every block. No time input: the optimal masked-diffusion
-    denoiser depends on x_t alone (MDLM)."""
+    """mu_theta(x0 | x_t, z): an MLP over the two embedded tokens ([M] = id V has its own embedding), with V logits
+    per coordinate, so [M] is never predicted. For VADD an MLP of z is added to the first hidden layer and
+    modulates every block. No time input: the optimal masked-diffusion denoiser depends on x_t alone (MDLM)."""
 
     def __init__(self, bins, width, depth, latent_dim=0):
         super().__init__()
         self.bins = bins
         self.embed = nn.Embedding(2 * (bins + 1), width // 2)  # one table per coordinate, tokens 0..V
-        self.latent = None
-        if latent_dim:
-            self.latent = nn.Sequential(nn.Linear(latent_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.latent = nn.Sequential(nn.Linear(latent_dim, width), nn.SiLU(),
+                                    nn.Linear(width, width)) if latent_dim else None
         self.blocks = nn.ModuleList([ResidualBlock(width, width if latent_dim else 0) for _ in range(depth)])
         self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * bins))
 
@@ -177,8 +144,7 @@ class Recognition(nn.Module):
 
     def forward(self, x0, masked):
         h = self.embed(x0 + torch.tensor([0, self.bins], device=x0.device)).flatten(1)
-        mean, logvar = self.net(torch.cat([h, masked.float()], 1)).float().chunk(2, -1)  # z's noise in float32
-        return mean, logvar
+        return self.net(torch.cat([h, masked.float()], 1)).float().chunk(2, -1)  # (mean, logvar) in float32
 
 
 class Model(nn.Module):
@@ -188,7 +154,7 @@ class Model(nn.Module):
     def __init__(self, cfg, method):
         super().__init__()
         self.method, self.objective, self.train_steps = method, cfg.objective, cfg.train_steps
-        self.latent_dim, self.mask_id, self.time_cond = cfg.latent_dim if method == "vadd" else 0, cfg.bins, False
+        self.latent_dim, self.mask_id = cfg.latent_dim if method == "vadd" else 0, cfg.bins
         self.schedule = common.Schedule(cfg.schedule)
         self.denoiser = Denoiser(cfg.bins, cfg.width, cfg.depth, self.latent_dim)
         self.recognition = Recognition(cfg.bins, cfg.width, self.latent_dim) if self.latent_dim else None
@@ -246,18 +212,15 @@ SAMPLERS = {  # name: (label, the method whose model it samples, its z at each s
 
 @torch.no_grad()
 def sample(model, num, T, sampler, cfg):
-    """num points from `sampler` in T steps. The denoiser runs only on points that still hold a [M] and whose
-    input (x_t or z) changed since its last call: without a time input its output would be the same.
-    Returns (tokens, network evaluations per point)."""
+    """num points from `sampler` in T steps: (tokens, network evaluations per point). The denoiser runs only on
+    points that still hold a [M] and whose x_t or z changed: without a time input its output would be the same."""
     device, latent = next(model.parameters()).device, SAMPLERS[sampler][2]
     xt = torch.full((num, 2), model.mask_id, dtype=torch.long, device=device)
     logits = torch.empty(num, 2, cfg.bins, device=device)
     z, stale, evaluations = None, torch.ones(num, dtype=torch.bool, device=device), 0
-    beat = common.Heartbeat(f"[{sampler}] sampling {num} points in {T} steps")
     for i in range(T, 0, -1):
-        beat(f"step {T - i + 1}")
         new_z = latent(z, num, model)
-        stale |= new_z is not z or model.time_cond
+        stale |= new_z is not z
         z, t = new_z, torch.full((num,), i / T, device=device)
         rows = (stale & (xt == model.mask_id).any(1)).nonzero().squeeze(1)
         for part in rows.split(common.rows_per_call(2, cfg.bins)) if len(rows) else ():
@@ -273,9 +236,8 @@ def sample(model, num, T, sampler, cfg):
 # Evaluation: histogram divergences of samples, likelihoods of held-out points
 
 def sample_metrics(tokens, reference):
-    """JS (nats) and KL(reference || model) between the samples' histogram and the reference, and validity.
-    KL smooths the model histogram with half a count per cell (the Krichevsky-Trofimov estimator), so a
-    cell the samples miss costs a finite amount."""
+    """JS (nats), KL(reference || samples) and validity of the samples' histogram. KL adds half a count to every
+    cell (the Krichevsky-Trofimov estimator), so a cell the samples miss costs a finite amount."""
     counts = histogram(tokens, reference.shape[0]).astype(np.float64)
     q, p = counts / len(tokens), reference
     m = (p + q) / 2
@@ -289,9 +251,8 @@ def sample_metrics(tokens, reference):
 
 @torch.no_grad()
 def likelihoods(model, x0, cfg):
-    """Held-out figures in nats per point, each (mean, standard error): the continuous-time NELBO (MDM) or
-    DELBO and its importance-weighted version (VADD; comparison figures, not bounds), and under (sampler, T)
-    the valid T-step bound of each sampler (all T steps summed: two tokens make it cheap)."""
+    """Held-out (mean, standard error) in nats per point: MDM's NELBO, or VADD's DELBO and IW-DELBO (not bounds),
+    and under (sampler, T) each sampler's valid T-step bound (all T steps summed: two tokens make it cheap)."""
     parts, vadd = x0.split(common.rows_per_call(2, cfg.bins)), model.recognition is not None
     figures = {"delbo" if vadd else "mdm_nelbo": common.mean_se([delbo(model, x, 1.0)[0] for x in parts])}
     if vadd:
@@ -305,30 +266,47 @@ def likelihoods(model, x0, cfg):
     return figures
 
 
+def evaluate(model, method, cfg, heldout, reference):
+    """Likelihoods, then every sampler of `method` at every T, each printed when done: (likelihood entry, rows)."""
+    common.seed_everything(cfg.seed + 3)
+    figures = likelihoods(model, torch.from_numpy(heldout).to(cfg.device), cfg)
+    for key, (mean, se) in figures.items():
+        if isinstance(key, str):
+            print(f"[{method}] {key} {mean:.4f} +- {se:.4f} nats per point")
+    rows = []
+    for sampler, T in [key for key in figures if isinstance(key, tuple)]:
+        t0 = time.time()
+        tokens, nfe = sample(model, cfg.num_samples, T, sampler, cfg)
+        np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), tokens)
+        (bound, bound_se), seconds = figures[sampler, T], time.time() - t0
+        print(f"[{sampler}] T={T}: {cfg.num_samples} samples in {seconds:.1f}s, valid bound {bound:.4f} +- "
+              f"{bound_se:.4f}")
+        rows.append({"sampler": sampler, "steps": T, "bound": bound, "bound_se": bound_se,
+                     "sample_seconds": seconds, "nfe": nfe, **sample_metrics(tokens, reference)})
+    return common.likelihood_entry(figures, cfg.iw_samples), rows
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
 HISTORY_EVERY = 50  # iterations averaged into one point of the training curves
 
 
-def train(cfg, method, ckpt=None, clock=None):
-    """Train one method, from a checkpoint if given; returns the model with its EMA weights loaded, the loss
-    history and a summary (iterations, seconds, throughput)."""
+def train(cfg, method, ckpt=None):
+    """Train one method (from `ckpt` if given): (the model with its EMA weights, its history, its summary)."""
     device = torch.device(cfg.device)
     common.seed_everything(cfg.seed)  # both methods start from the same weights and see the same data
     rng = np.random.default_rng(cfg.seed)
     model = Model(cfg, method).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     ema = common.EMA(model, cfg.ema)
-    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, None
+    path, start, history = os.path.join(cfg.out_dir, f"ckpt_{method}.pt"), 0, {"train": [], "val": []}
     if ckpt is not None:
         start, history = common.resume(ckpt, model, opt, ema, rng, device, 0, 1, cfg.seed + 1)
-        print(f"[{method}] resumed from {path} at iteration {start}")
     step = torch.compile(model) if cfg.compile else model
-    print(f"[{method}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.max_iters} "
-          f"iterations of batch {cfg.batch_size}")
-    progress = common.Progress(start, cfg.max_iters, cfg.batch_size, "points/s", clock)
-    log = common.TrainingLog(method, cfg, progress, history, HISTORY_EVERY, path)
+    print(f"[{method}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, iterations {start} to "
+          f"{cfg.max_iters} of batch {cfg.batch_size}")
+    meter = common.Meter(method, start, cfg.max_iters, cfg.batch_size, "points/s")
     for it in range(start, cfg.max_iters):
         for group in opt.param_groups:
             group["lr"] = common.lr_at(it, cfg)
@@ -342,11 +320,19 @@ def train(cfg, method, ckpt=None, clock=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(model)
-        log.add(loss, kl.mean())
-        log.after(it + 1, lam, lambda: common.training_state(model, opt, ema, it + 1, weight_settings(cfg, method),
-                                                             log.history, rng, device))
+        meter.add(loss, kl.mean())
+        it += 1  # iterations done
+        save = it % cfg.ckpt_interval == 0 or it == cfg.max_iters
+        if it % HISTORY_EVERY == 0 or save:  # a NaN stops the run here, before the checkpoint below
+            history["train"].append((it, *meter.mean("curve", it)[:2], lam))
+        if it % cfg.log_interval == 0 or it == cfg.max_iters:
+            loss, kl = meter.mean("line", it)[:2]
+            print(meter.line(it, loss=loss, kl=kl, **{"lambda": lam}))
+        if save:
+            common.save_atomic(common.training_state(model, opt, ema, it, weight_settings(cfg, method), history,
+                                                     rng, device), path)
     ema.copy_to(model)
-    return model.eval(), log.history, progress.summary(device)
+    return model.eval(), history, meter.summary(device)
 
 
 def weight_settings(cfg, method):
@@ -356,12 +342,13 @@ def weight_settings(cfg, method):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Main
+# Main, its table and its figures
 
 def main(argv=None):
     cfg = parse_config(argv)
-    methods, _, checkpoints, method_of, clock = common.plan(cfg, weight_settings, SAMPLERS)
-    common.prepare_out_dir(cfg, methods, method_of)
+    methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
+    checkpoints = {m: common.read_checkpoint(cfg, m, weight_settings(cfg, m), True) for m in methods}
+    common.make_out_dir(cfg)
     run_start = time.time()
     reference = reference_distribution(cfg)
     data_tokens = draw_tokens(cfg.dataset, cfg.num_samples, cfg.bins, np.random.default_rng(cfg.seed + 1))
@@ -373,23 +360,12 @@ def main(argv=None):
                "by_steps": []}
     histories = {}
     for method in methods:
-        model, histories[method], metrics["training"][method] = train(cfg, method, checkpoints[method], clock)
-        metrics["config"][method], evaluation_start = dict(vars(cfg)), time.time()
-        common.seed_everything(cfg.seed + 3)
-        figures = likelihoods(model, torch.from_numpy(heldout).to(cfg.device), cfg)
-        metrics["likelihood"][method] = common.likelihood_entry(figures, cfg.iw_samples)
-        for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
-            for T in cfg.steps:
-                t0 = time.time()
-                tokens, nfe = sample(model, cfg.num_samples, T, sampler, cfg)
-                np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), tokens)
-                bound, bound_se = figures[sampler, T]
-                metrics["by_steps"].append({"sampler": sampler, "steps": T, "bound": bound, "bound_se": bound_se,
-                                            "sample_seconds": time.time() - t0, "nfe": nfe,
-                                            **sample_metrics(tokens, reference)})
-        clock.method_done(time.time() - evaluation_start)
+        model, histories[method], metrics["training"][method] = train(cfg, method, checkpoints[method])
+        metrics["config"][method] = dict(vars(cfg))
+        metrics["likelihood"][method], rows = evaluate(model, method, cfg, heldout, reference)
+        metrics["by_steps"] += rows
     metrics["seconds"] = time.time() - run_start
-    metrics = common.save_metrics(cfg.out_dir, metrics, methods, method_of)
+    metrics = common.save_metrics(cfg.out_dir, metrics, methods, SAMPLERS)
     plot_samples(os.path.join(cfg.out_dir, "samples.png"), cfg, data_tokens, metrics)
     floor = [(metrics["data"]["noise_floor_js"], "noise floor (data vs reference)", "--")]
     common.plot_by_steps(os.path.join(cfg.out_dir, "js.png"), metrics["by_steps"], SAMPLERS,
@@ -404,12 +380,11 @@ def print_table(cfg, metrics):
     data = metrics["data"]
     print(f"\n{cfg.dataset}, {cfg.bins} bins: data entropy {data['entropy']:.3f} nats per point; JS noise floor "
           f"({cfg.num_samples} data points vs reference) {data['noise_floor_js']:.4f}")
-    for method, key, label in [("mdm", "mdm_nelbo", "MDM NELBO (bound, continuous time)"),
-                               ("vadd", "delbo", "VADD DELBO (not a bound)"),
-                               ("vadd", "iw_delbo", "VADD IW-DELBO (not a bound)")]:
-        lik = metrics["likelihood"].get(method, {})
-        if key in lik:
-            print(f"  {label:45s} {lik[key]:7.3f} +- {lik[key + '_se']:.3f}")
+    labels = {"mdm_nelbo": "MDM NELBO (bound, continuous time)", "delbo": "VADD DELBO (not a bound)",
+              "iw_delbo": "VADD IW-DELBO (not a bound)"}
+    for lik in metrics["likelihood"].values():
+        for key in [k for k in labels if k in lik]:
+            print(f"  {labels[key]:45s} {lik[key]:7.3f} +- {lik[key + '_se']:.3f}")
     print(f"\n{'sampler':8s} {'T':>4s} {'JS':>7s} {'KL':>7s} {'valid':>6s} {'bound (valid)':>16s} {'NFE':>6s} "
           f"{'sec':>6s}")
     for r in metrics["by_steps"]:
@@ -419,12 +394,8 @@ def print_table(cfg, metrics):
           f"in {metrics['seconds']:.0f}s")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Plots
-
 def plot_samples(path, cfg, data_tokens, metrics):
-    """2D histograms: the data, then one row per sampler in metrics.json (read back from samples_*.npy, each
-    binned as its method was trained)."""
+    """2D histograms: the data, then each sampler in metrics.json (from samples_*.npy, at its method's bins)."""
     plt = common.pyplot()
     samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in metrics["by_steps"])]
     size = (max(6, 2 * len(cfg.steps)), 2 + 2 * len(samplers))  # wide enough for the title

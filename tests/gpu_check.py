@@ -77,7 +77,7 @@ def script_argv(name, data, smoke):
     if name == "text":
         tiny = ["--preset", "cpu", "--layers", "1", "--width", "32", "--heads", "2", "--block-size", "64",
                 "--batch-size", "4", "--num-eval", "4"]
-        real = ["--preset", "gpu", "--block-size", "1024", "--num-eval", "16"]  # MDLM's OpenWebText shape
+        real = ["--preset", "mdlm", "--block-size", "1024", "--num-eval", "16"]  # MDLM's OpenWebText shape
         return [*(tiny if smoke else real), "--data", data["text"], "--eval-model", "none", "--steps", "1,10",
                 "--num-samples", "8", "--iw-samples", "4", "--eval-interval", "1000"]
     if name == "mnist":
@@ -169,7 +169,7 @@ def stage_runs(name, method, argv, out_dir, smoke, cuda, counter):
     ckpt = torch.load(os.path.join(out_dir, f"ckpt_{method}.pt"), map_location="cpu", weights_only=True)
     out = {"runs_seconds": time.time() - t0, "graphs_first_run": first_graphs,
            "graphs_resumed_run": counter.graphs - first_graphs,
-           "resumed": "at iteration 10" in log and ckpt["iter"] == 30,
+           "resumed": "iterations 10 to 30" in log and ckpt["iter"] == 30,
            "sampling": [{k: r.get(k) for k in ("sampler", "steps", "sample_seconds", "nfe")}
                         for r in metrics["by_steps"]]}
     if cuda:

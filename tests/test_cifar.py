@@ -260,11 +260,13 @@ def test_eval_only_and_sample_only_from_the_checkpoints(trained_run, tmp_path):
     again = vc.main(args("--eval-only", "--method", "mdm", "--steps", "2"))
     assert torch.load(out / "ckpt_mdm.pt", weights_only=True)["iter"] == before["iter"]  # no training
     rows = {(r["sampler"], r["steps"]) for r in again["by_steps"]}
-    assert ("mdm", 2) in rows and ("vadd_cs", 3) in rows  # the earlier VADD rows are kept
+    assert ("mdm", 2) in rows and ("mdm", 1) not in rows  # the evaluated method's rows are replaced whole
+    assert ("vadd_cs", 3) in rows and again["likelihood"]["vadd"] == metrics["likelihood"]["vadd"]  # others kept
     assert abs(again["likelihood"]["mdm"]["mdm_nelbo"] - metrics["likelihood"]["mdm"]["mdm_nelbo"]) < 1
     sampled = vc.main(args("--sample-only", "--method", "vadd", "--num-samples", "3"))
     row = next(r for r in sampled["by_steps"] if (r["sampler"], r["steps"]) == ("vadd", 3))
-    assert row["num_samples"] == 3 and "bound" in row  # the bound of the earlier evaluation is kept
+    assert row["num_samples"] == 3 and "bound" not in row and sampled["likelihood"]["vadd"] == {}  # no likelihoods
+    assert sampled["likelihood"]["mdm"] == again["likelihood"]["mdm"]
     assert np.load(out / "samples_vadd_T3.npy").shape == (3, 32, 32, 3)
 
 
@@ -304,6 +306,16 @@ def test_two_processes_under_torchrun_with_gloo(tmp_path):
     assert [r["num_samples"] for r in saved["by_steps"]] == [5, 5]  # 3 + 2 images gathered from the ranks
     assert np.load(tmp_path / "out" / "samples_vadd_cs_T2.npy").shape == (5, 32, 32, 3)
     assert run.stdout.count("iter       2/2") == 1  # only rank 0 prints
+
+
+def test_the_overview_names_the_data_it_shows(tmp_path, monkeypatch):
+    import matplotlib.figure
+    titles, real = [], matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda fig, title, **kw: titles.append(title) or real(fig, title, **kw))
+    for args in (tiny_args(tmp_path), ["--preset", "cpu", "--out-dir", str(tmp_path / "out")]):
+        vc.plot_overview(str(tmp_path / "overview.png"), vc.parse_config(args), None, {"by_steps": []})
+    assert titles[0].endswith("trained on data (--data)") and titles[1].endswith("trained on CIFAR-10")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,8 +376,8 @@ def test_fid_path_with_stand_in_features(tmp_path, monkeypatch):
     metric.reset()  # keeps the reference statistics
     vc.fid_update(metric, np.random.default_rng(0).integers(0, 256, images.shape, dtype=np.uint8), real=False)
     assert float(metric.compute()) > 0.1
-    metrics = vc.main(tiny_args(tmp_path, "--method", "mdm", "--fid", "5"))
-    assert all(r["fid"] > 0 and r["fid_samples"] == 5 for r in metrics["by_steps"])
+    metrics = vc.main(tiny_args(tmp_path, "--method", "mdm", "--fid", "10"))  # more than the 6 samples drawn
+    assert all(r["fid"] > 0 and r["fid_samples"] == 6 for r in metrics["by_steps"])
     assert (tmp_path / "out" / "by_steps.png").stat().st_size > 0
 
 
@@ -376,15 +388,13 @@ def test_fid_path_with_stand_in_features(tmp_path, monkeypatch):
     (["--method", "gpt"], "invalid choice: 'gpt'"),
     (["--steps", "0"], "positive whole number"),
     (["--steps", "1,x"], "whole numbers separated by commas"),
-    (["--channel-mult", "1,2,2,2,2"], "give 1 to 4 positive multipliers"),
-    (["--channels", "6"], "multiple of 4"),
-    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number >= 1"),
-    (["--fid", "10"], "--fid 10 needs as many samples"),
+    (["--channel-mult", "1,2,2,2,2"], "give 1 to 4 multipliers"),
+    (["--channel-mult", "1,0"], "positive whole numbers separated by commas"),
+    (["--channels", "3"], "argument --channels: '3' is not a whole number from 4"),
+    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number from 1"),
     (["--batch-size", "8", "--grad-accum", "3"], "must split evenly"),
-    (["--eval-only", "--resume"], "--resume and --eval-only ask for different runs"),
-    (["--lr", "0"], "argument --lr: '0' is not a finite number in (0, inf]"),
-    (["--data", "/nonexistent/cifar"], "no data_batch_1.bin there"),
-    (["--fid-weights", "/nonexistent/inception.pth"], "no such file"),
+    (["--eval-only", "--resume"], "argument --resume: not allowed with argument --eval-only"),
+    (["--lr", "-1"], "argument --lr: '-1' is not a finite number from 0"),
 ])
 def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -393,11 +403,18 @@ def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_out_dir_under_a_regular_file_is_refused(tmp_path, capsys):
+def test_a_data_folder_without_the_batches_is_one_sentence(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .*empty/data_batch_1.bin: give --data the folder that holds the "
+                                         "extracted binary batches"):
+        vc.main(tiny_args(tmp_path, "--data", str(tmp_path / "empty")))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_out_dir_under_a_regular_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="file/out is not a folder this run can write to"):
         vc.main(tiny_args(tmp_path, "--out-dir", str(tmp_path / "file" / "out")))
-    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "not a folder"
 
 

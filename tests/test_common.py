@@ -306,60 +306,114 @@ def test_checkpoints_save_and_restore_the_cuda_generator(monkeypatch):
     assert restored == [[7, 7]]
 
 
+def test_ema_is_the_decayed_average_of_the_weights_by_hand():
+    """After updates k = 1, 2, ... with weights w_k: e_k = d_k e_(k-1) + (1 - d_k) w_k, d_k = min(decay,
+    (1 + k)/(10 + k)); integer buffers are copied, not averaged."""
+    model = torch.nn.BatchNorm1d(2)  # float weights and an integer buffer (num_batches_tracked)
+    ema, expected = common.EMA(model, 0.25), model.weight.detach().clone().double()
+    for k, value in enumerate([2.0, -1.0, 4.0, 0.5], 1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        model.num_batches_tracked.fill_(10 * k)
+        ema.update(model)
+        d = min(0.25, (1 + k) / (10 + k))  # the schedule at k = 1, the cap from k = 3
+        expected = d * expected + (1 - d) * value
+    assert torch.allclose(ema.params["weight"].double(), expected, rtol=1e-6)
+    assert ema.params["num_batches_tracked"].item() == 40
+    target = torch.nn.BatchNorm1d(2)
+    ema.copy_to(target)
+    assert torch.allclose(target.weight.double(), expected, rtol=1e-6)
+
+
+def test_mean_and_standard_error_by_hand():
+    x = torch.tensor([1.0, 4.0, 2.5, -3.0, 7.25])
+    mean, se = common.mean_se([x[:2], x[2:]])
+    assert mean == pytest.approx(float(np.mean(x.numpy())))
+    assert se == pytest.approx(float(np.std(x.numpy(), ddof=1) / math.sqrt(5)))
+    assert common.mean_se(torch.tensor([3.0])) == (3.0, 0.0)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
+    cfg = types.SimpleNamespace(lr=2.0, warmup_iters=4, max_iters=100)
+    assert [common.lr_at(it, cfg) for it in range(3)] == pytest.approx(
+        [2.0 * (it + 1) / 4 * (0.55 + 0.45 * math.cos(math.pi * it / 100)) for it in range(3)])
+    assert common.lr_at(50, cfg) == pytest.approx(2.0 * 0.55)
+    assert common.lr_at(100, cfg) == pytest.approx(0.2)
+
+
+def test_reverse_step_draws_in_float64_with_the_gumbel_max_of_its_distribution(monkeypatch):
+    """Every uniform draw of a reverse step is float64 (float32 noise truncates the Gumbel tails, which lowers
+    the samples' entropy), and the token drawn is argmax(log softmax(logits) - log(-log u)) of those draws."""
+    real, draws = torch.rand, []
+
+    def recording_rand(*shape, dtype=None, **kwargs):
+        u = real(*shape, dtype=dtype, **kwargs)
+        draws.append(u)
+        return u
+
+    monkeypatch.setattr(torch, "rand", recording_rand)
+    torch.manual_seed(0)
+    xt = torch.full((3, 5), 7)
+    logits = torch.randn(3, 5, 7).to(torch.bfloat16)
+    xs = common.reverse_step(xt, logits, torch.tensor(0.0), torch.tensor(1.0), 7)  # reveals every position
+    assert [u.dtype for u in draws] == [torch.float64, torch.float64]
+    gumbel = -torch.log(-torch.log(draws[1]))
+    expected = (torch.log_softmax(logits.reshape(-1, 7).double(), -1) + gumbel).argmax(-1)
+    assert torch.equal(xs.flatten(), expected)
+
+
 def metrics_of(method, sampler, figure, steps=(1, 2)):
     return {"unit": "nats", "config": {method: {"seed": figure}}, "likelihood": {method: {"nelbo": figure}},
             "training": {method: {"iters": figure}},
             "by_steps": [{"sampler": sampler, "steps": T, "bound": figure} for T in steps]}
 
 
-def test_metrics_keep_one_entry_per_method_and_replace_only_what_a_run_computed(tmp_path, capsys):
-    method_of = {"mdm": "mdm", "vadd": "vadd", "vadd_cs": "vadd"}
-    common.save_metrics(tmp_path, metrics_of("mdm", "mdm", 1.0), ["mdm"], method_of)
-    common.save_metrics(tmp_path, metrics_of("vadd", "vadd_cs", 2.0), ["vadd"], method_of)
-    # --eval-only of vadd at T = 2 and 3: those rows replaced, T = 1 and the mdm entry kept
-    merged = common.save_metrics(tmp_path, metrics_of("vadd", "vadd_cs", 3.0, (2, 3)), [], method_of)
-    assert merged["likelihood"] == {"mdm": {"nelbo": 1.0}, "vadd": {"nelbo": 3.0}}
-    assert [(r["sampler"], r["steps"], r["bound"]) for r in merged["by_steps"]] == [
-        ("mdm", 1, 1.0), ("mdm", 2, 1.0), ("vadd_cs", 1, 2.0), ("vadd_cs", 2, 3.0), ("vadd_cs", 3, 3.0)]
-    # training vadd again drops every old vadd row: they describe other weights
-    merged = common.save_metrics(tmp_path, metrics_of("vadd", "vadd", 4.0, (5,)), ["vadd"], method_of)
-    assert [(r["sampler"], r["steps"]) for r in merged["by_steps"]] == [("mdm", 1), ("mdm", 2), ("vadd", 5)]
-    assert json.loads((tmp_path / "metrics.json").read_text()) == merged
+SAMPLERS = {"mdm": ("MDM", "mdm"), "vadd": ("VADD", "vadd"), "vadd_cs": ("VADD-CS", "vadd")}
+
+
+def test_metrics_replace_the_entries_of_the_methods_a_run_ran_and_keep_the_others(tmp_path, capsys):
+    common.save_metrics(tmp_path, metrics_of("mdm", "mdm", 1.0), ["mdm"], SAMPLERS)
+    common.save_metrics(tmp_path, metrics_of("vadd", "vadd_cs", 2.0), ["vadd"], SAMPLERS)
+    # a later run of vadd (e.g. --eval-only at T = 3) replaces every vadd entry and row whole
+    new = common.save_metrics(tmp_path, metrics_of("vadd", "vadd", 3.0, (3,)), ["vadd"], SAMPLERS)
+    assert new["likelihood"] == {"mdm": {"nelbo": 1.0}, "vadd": {"nelbo": 3.0}}
+    assert new["config"]["mdm"] == {"seed": 1.0} and new["training"]["vadd"] == {"iters": 3.0}
+    assert [(r["sampler"], r["steps"], r["bound"]) for r in new["by_steps"]] == [
+        ("mdm", 1, 1.0), ("mdm", 2, 1.0), ("vadd", 3, 3.0)]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == new
     # an unreadable metrics.json is set aside with one line, not a traceback after the run
     (tmp_path / "metrics.json").write_text('{"config": ')
-    merged = common.save_metrics(tmp_path, metrics_of("mdm", "mdm", 5.0), ["mdm"], method_of)
-    assert set(merged["config"]) == {"mdm"} and "kept as" in capsys.readouterr().out
+    new = common.save_metrics(tmp_path, metrics_of("mdm", "mdm", 5.0), ["mdm"], SAMPLERS)
+    assert set(new["config"]) == {"mdm"} and "kept as" in capsys.readouterr().out
     assert (tmp_path / "metrics.json.unreadable").read_text() == '{"config": '
 
 
-def test_training_log_averages_each_curve_point_and_stops_on_nan_before_the_next_checkpoint(tmp_path, capsys):
-    cfg = types.SimpleNamespace(max_iters=6, ckpt_interval=2, log_interval=3, lr=1e-3)
-    log = common.TrainingLog("vadd", cfg, common.Progress(0, 6, 1, "x/s"), None, 2, tmp_path / "ckpt.pt", "bpd",
-                             lambda nats: 10 * nats)
-    with pytest.raises(SystemExit, match=r"became nan by iteration 6: lower --lr \(now 0.001\)"):
-        for it, loss in enumerate([1.0, 3.0, 2.0, 4.0, math.nan, 5.0], 1):
-            log.add(torch.tensor(loss), torch.tensor(0.5))
-            log.after(it, 0.1 * it, lambda: {"iter": it})
-    assert log.history["train"] == [(2, 20.0, 0.5, 0.2), (4, 30.0, 0.5, 0.4)]  # means of 2 iterations, x 10
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True) == {"iter": 4}  # not the NaN iterations
-    assert "iter       3/6 | bpd 20 | kl 0.5 | lambda 0.3" in capsys.readouterr().out  # iteration 3 alone
+def test_meter_averages_since_each_read_and_stops_on_a_figure_that_is_not_finite(capsys):
+    meter = common.Meter("vadd", 0, 6, 10, "x/s")
+    for it, loss in enumerate([1.0, 3.0, 2.0], 1):
+        meter.add(torch.tensor(loss), torch.tensor(0.5 * it))
+        if it == 2:
+            assert meter.mean("curve", it) == [2.0, 0.75]
+    assert meter.mean("line", 3) == [2.0, 1.0] and meter.mean("curve", 3) == [2.0, 1.5]
+    assert meter.line(3, loss=2.0).startswith("[vadd] iter       3/6 | loss 2 | ")
+    meter.add(torch.tensor(math.nan), torch.tensor(0.0))
+    with pytest.raises(SystemExit, match=r"\[vadd\] the loss \(or its KL or gradient\) became nan by iteration 4"):
+        meter.mean("curve", 4)
 
 
-def test_checkpoints_of_earlier_versions_keep_their_training_curve(tmp_path):
-    torch.save({"config": {}, "history": [(1, 2.0, 0.0, 0.0)]}, tmp_path / "old.pt")
-    ckpt = common.read_checkpoint(str(tmp_path / "old.pt"), {}, needed=True, resume=False)
-    assert ckpt["history"] == {"train": [(1, 2.0, 0.0, 0.0)], "val": []}
-
-
-def test_overwrite_drops_the_replaced_methods_files_and_figures_before_training(tmp_path):
-    method_of = {"mdm": "mdm", "vadd": "vadd", "vadd_cs": "vadd"}
-    common.save_metrics(tmp_path, metrics_of("mdm", "mdm", 1.0), ["mdm"], method_of)
-    common.save_metrics(tmp_path, metrics_of("vadd", "vadd_cs", 2.0), ["vadd"], method_of)
-    for name in ("ckpt_vadd.pt", "samples_vadd_cs_T1.npy", "ckpt_mdm.pt", "samples_mdm_T1.npy"):
-        (tmp_path / name).write_text("")
-    cfg = types.SimpleNamespace(out_dir=str(tmp_path), resume=False, overwrite=True, max_iters=10)
-    common.prepare_out_dir(cfg, ["vadd"], method_of)  # a run that stops now leaves nothing of the old vadd
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_mdm.pt", "metrics.json", "samples_mdm_T1.npy"]
-    kept = json.loads((tmp_path / "metrics.json").read_text())
-    assert kept["likelihood"] == {"mdm": {"nelbo": 1.0}} and kept["unit"] == "nats"
-    assert [(r["sampler"], r["steps"]) for r in kept["by_steps"]] == [("mdm", 1), ("mdm", 2)]
+def test_a_checkpoint_is_continued_only_with_resume_and_must_match_the_weights_settings(tmp_path, capsys):
+    cfg = types.SimpleNamespace(out_dir=str(tmp_path), resume=False)
+    assert common.read_checkpoint(cfg, "vadd", {"width": 8}, train=True) is None
+    with pytest.raises(SystemExit, match="ckpt_vadd.pt does not exist: train first"):
+        common.read_checkpoint(cfg, "vadd", {"width": 8}, train=False)
+    common.save_atomic({"config": {"width": 8}, "iter": 3}, str(tmp_path / "ckpt_vadd.pt"))
+    with pytest.raises(SystemExit, match="already holds a vadd run .*: pass --resume to continue it"):
+        common.read_checkpoint(cfg, "vadd", {"width": 8}, train=True)
+    assert common.read_checkpoint(cfg, "vadd", {"width": 8}, train=False)["iter"] == 3
+    cfg.resume = True
+    assert common.read_checkpoint(cfg, "vadd", {"width": 8}, train=True)["iter"] == 3
+    with pytest.raises(SystemExit, match=r"was trained with --width 8 \(now 16\): pass the same flags"):
+        common.read_checkpoint(cfg, "vadd", {"width": 16}, train=True)
+    assert common.read_checkpoint(cfg, "mdm", {}, train=True) is None
+    assert "holds no ckpt_mdm.pt, so mdm starts from scratch" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_vadd.pt"]  # nothing deleted

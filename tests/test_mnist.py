@@ -1,10 +1,12 @@
-"""vadd_mnist.py: the IDX reader and the md5-checked download on files the tests write, binarisation and
-padding, the networks' conditioning paths, the samplers, and tiny end-to-end runs through main()."""
+"""vadd_mnist.py: reading the IDX files and the md5-checked download on files the tests write, binarisation
+and padding, the presets, the networks' conditioning paths, the samplers, and tiny end-to-end runs through
+main()."""
 import gzip
 import hashlib
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -62,35 +64,37 @@ def tiny_args(tmp_path, *extra):
 # IDX files and the download
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_idx_reader_reads_what_was_written(tmp_path, gz):
+def test_images_are_read_as_written(tmp_path, gz):
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
-    path = tmp_path / ("x.gz" if gz else "x")
+    path = tmp_path / ("t10k-images-idx3-ubyte.gz" if gz else "t10k-images-idx3-ubyte")
     with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
         f.write(idx_bytes(images))
-    assert np.array_equal(mnist.read_idx(str(path)), images)
+    assert np.array_equal(mnist.read_images(str(tmp_path), "t10k"), images)
 
 
 @pytest.mark.parametrize("gz", [False, True])
-@pytest.mark.parametrize("damage, message", [
-    (lambda b: b"\x00\x00\x0d\x03" + b[4:], "not an IDX file of bytes"),  # float data, not bytes
-    (lambda b: b"\x08\x03" + b[2:], "not an IDX file of bytes"),
-    (lambda b: b[:-100], "cut short or corrupt"),
-    (lambda b: b[:10], "cut short or corrupt"),  # inside the header
+@pytest.mark.parametrize("damage", [
+    lambda b: b"\x00\x00\x0d\x03" + b[4:],  # float data, not bytes
+    lambda b: b"\x08\x03" + b[2:],  # a magic number that is not IDX
+    lambda b: b[:-100],  # cut short
+    lambda b: b[:10],  # cut inside the header
+    lambda b: idx_bytes(np.zeros(24)),  # a labels file under the images' name
+    lambda b: idx_bytes(np.zeros((3, 28, 27))),  # images of another size
 ])
-def test_idx_reader_refuses_damaged_files(tmp_path, gz, damage, message):
-    data = damage(idx_bytes(np.zeros((3, 28, 28))))
-    path = tmp_path / "x"
+def test_damaged_image_files_stop_with_one_sentence(tmp_path, gz, damage):
+    path = tmp_path / ("t10k-images-idx3-ubyte.gz" if gz else "t10k-images-idx3-ubyte")
     with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
-        f.write(data)
-    with pytest.raises(ValueError, match=message):
-        mnist.read_idx(str(path))
+        f.write(damage(idx_bytes(np.zeros((3, 28, 28)))))
+    with pytest.raises(SystemExit, match="t10k-images-idx3-ubyte(.gz)? is not an intact IDX file of 28 x 28 "
+                                         "images of bytes .*: fetch it again"):
+        mnist.read_images(str(tmp_path), "t10k")
 
 
 def test_truncated_gzip_stream_is_refused(tmp_path):
     blob = gzip.compress(idx_bytes(np.arange(3 * 784).reshape(3, 28, 28) % 256))
-    (tmp_path / "x.gz").write_bytes(blob[:len(blob) // 2])
-    with pytest.raises(ValueError, match="corrupt or cut short"):
-        mnist.read_idx(str(tmp_path / "x.gz"))
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(SystemExit, match="is not an intact IDX file"):
+        mnist.read_images(str(tmp_path), "train")
 
 
 def serve(tmp_path, monkeypatch):
@@ -110,7 +114,7 @@ def test_download_tries_the_next_mirror_and_keeps_only_checked_files(tmp_path, m
     cfg = mnist.parse_config(["--cache-dir", str(cache), "--val-images", "20", "--device", "cpu"])
     train, val, test = mnist.load_mnist(cfg)
     assert (len(train), len(val), len(test)) == (100, 20, 24)
-    expected = mnist.binarize(mnist.read_idx(os.path.join(good, "t10k-images-idx3-ubyte.gz")))
+    expected = mnist.binarize(mnist.read_images(good, "t10k"))
     assert torch.equal(test, expected)
 
 
@@ -122,7 +126,7 @@ def test_corrupt_download_is_deleted_and_reported(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit, match="could not download train-images-idx3-ubyte.gz intact .*md5 mismatch"):
         mnist.download_mnist(str(cache))
     assert os.listdir(cache) == []  # nothing cached, no partial file left
-    assert "corrupt or partial): deleted" in capsys.readouterr().out
+    assert "bad/train-images-idx3-ubyte.gz has md5 " in capsys.readouterr().out  # and why it was deleted
 
 
 def test_cached_file_that_fails_its_md5_is_fetched_again(tmp_path, monkeypatch, capsys):
@@ -133,7 +137,8 @@ def test_cached_file_that_fails_its_md5_is_fetched_again(tmp_path, monkeypatch, 
     intact = path.read_bytes()
     path.write_bytes(intact[:-7])
     mnist.download_mnist(str(cache))
-    assert path.read_bytes() == intact and "fails its md5 check: deleted" in capsys.readouterr().out
+    assert path.read_bytes() == intact
+    assert f"{path} has md5 " in capsys.readouterr().out  # the cached copy, deleted and fetched again
 
 
 def test_binarize_thresholds_at_half_and_pads_two_zero_pixels():
@@ -148,6 +153,19 @@ def test_binarize_thresholds_at_half_and_pads_two_zero_pixels():
     assert not x[:, border].any()  # the 2-pixel frame is zero
     assert not x[0, 2:30, 2:30].any() and x[1, 2:30, 2:30].all()
     assert torch.equal(x[2, 2:30, 2:30], torch.from_numpy((images[2] > 127).astype(np.int64)))
+
+
+def test_every_preset_sets_the_same_flags_and_help_says_so(capsys):
+    assert set(mnist.PRESETS["gpu"]) == set(mnist.PRESETS["cpu"])
+    for preset in mnist.PRESETS:
+        cfg = mnist.parse_config(["--preset", preset, "--device", "cpu"])
+        assert all(getattr(cfg, key) is not None for key in mnist.PRESETS[preset])
+    assert mnist.parse_config(["--preset", "gpu", "--device", "cpu"]).channel_mult == [1, 2, 2]
+    with pytest.raises(SystemExit):
+        mnist.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--channels CHANNELS channels of the UNets' first level (a multiple of 8) (default from --preset)" \
+        in out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,19 +333,19 @@ def test_resume_matches_a_run_straight_through(tmp_path, monkeypatch):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_eval_only_and_sample_only_use_the_checkpoint(tmp_path):
+def test_eval_only_and_sample_only_use_the_checkpoint_and_replace_the_methods_figures(tmp_path):
     mnist.main(tiny_args(tmp_path, "--method", "mdm"))
     ckpt = tmp_path / "out" / "ckpt_mdm.pt"
     before = ckpt.read_bytes()
     metrics = mnist.main(tiny_args(tmp_path, "--method", "mdm", "--eval-only", "--steps", "1,2"))
     assert ckpt.read_bytes() == before  # nothing trained
-    assert {r["steps"] for r in metrics["by_steps"]} == {1, 2, 3}
-    assert all("bound" in r for r in metrics["by_steps"])
-    old = {r["steps"]: r["bound"] for r in metrics["by_steps"]}
+    assert [r["steps"] for r in metrics["by_steps"]] == [1, 2] and all("bound" in r for r in metrics["by_steps"])
+    assert "mdm_nelbo" in metrics["likelihood"]["mdm"]
     metrics = mnist.main(tiny_args(tmp_path, "--method", "mdm", "--sample-only", "--steps", "2",
                                    "--num-samples", "3"))
     assert np.load(tmp_path / "out" / "samples_mdm_T2.npy").shape == (3, 32, 32)
-    assert {r["steps"]: r["bound"] for r in metrics["by_steps"]} == old  # bounds measured before are kept
+    assert [r["steps"] for r in metrics["by_steps"]] == [2] and "bound" not in metrics["by_steps"][0]
+    assert metrics["likelihood"]["mdm"] == {} and ckpt.read_bytes() == before
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,12 +360,11 @@ def test_eval_only_and_sample_only_use_the_checkpoint(tmp_path):
     (["--attn-res", "5"], "the UNet's resolutions are [8, 4]"),
     (["--attn-res", "4,x"], "whole numbers separated by commas"),
     (["--patch", "3"], "invalid choice: 3"),
-    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number >= 1"),
-    (["--lr", "-1"], "argument --lr: '-1' is not a finite number in (0, inf]"),
-    (["--lr", "nan"], "argument --lr: 'nan' is not a finite number in (0, inf]"),
+    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number from 1 to inf"),
+    (["--lr", "-1"], "argument --lr: '-1' is not a finite number from 0"),
+    (["--dropout", "1.5"], "argument --dropout: '1.5' is not a finite number from 0 to 1"),
     (["--batch-size", "8", "--grad-accum", "3"], "must split evenly"),
-    (["--eval-only", "--sample-only"], "--eval-only and --sample-only ask for different runs"),
-    (["--data", "/nonexistent/mnist"], "is not a folder"),
+    (["--eval-only", "--sample-only"], "argument --sample-only: not allowed with argument --eval-only"),
 ])
 def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -358,27 +375,28 @@ def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
 
 def test_missing_or_damaged_data_stops_before_writing(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="has no train-images-idx3-ubyte"):
-        mnist.main(tiny_args(tmp_path, "--data", str(tmp_path / "empty")))
+    for folder in (tmp_path / "empty", tmp_path / "nonexistent"):
+        with pytest.raises(SystemExit, match=re.escape(f"{folder} has no train-images-idx3-ubyte (nor .gz)")):
+            mnist.main(tiny_args(tmp_path, "--data", str(folder)))
     data = write_mnist(str(tmp_path / "cut"))
     with open(os.path.join(data, "t10k-images-idx3-ubyte"), "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(SystemExit, match="t10k-images-idx3-ubyte holds 1000 bytes"):
-        mnist.main(tiny_args(tmp_path, "--data", data))
-    with open(os.path.join(data, "t10k-images-idx3-ubyte"), "wb") as f:
-        f.write(idx_bytes(np.zeros(24)))  # a labels file under the images' name
-    with pytest.raises(SystemExit, match=r"the t10k images have shape \(24,\), not \(N, 28, 28\)"):
+    with pytest.raises(SystemExit, match="t10k-images-idx3-ubyte is not an intact IDX file"):
         mnist.main(tiny_args(tmp_path, "--data", data))
     with pytest.raises(SystemExit, match="--val-images 500 leaves no training images"):
         mnist.main(tiny_args(tmp_path, "--val-images", "500"))
+    (tmp_path / "file").write_text("not a folder")
+    args = tiny_args(tmp_path, "--cache-dir", str(tmp_path / "file" / "mnist"))
+    del args[args.index("--data"):args.index("--data") + 2]  # full MNIST, into a cache that cannot be made
+    with pytest.raises(SystemExit, match="--cache-dir .* cannot be made a folder"):
+        mnist.main(args)
     assert not (tmp_path / "out").exists()
 
 
-def test_out_dir_under_a_regular_file_is_refused(tmp_path, capsys):
+def test_out_dir_under_a_regular_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit, match="is not a folder this run can write to"):
         mnist.main(tiny_args(tmp_path, "--out-dir", str(tmp_path / "file" / "out")))
-    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "not a folder"
 
 

@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -92,7 +93,7 @@ def test_fixture_builds_the_gpt2_encoding():
 def test_gpt2_text_file_both_methods(tmp_path, capsys):
     data = write_text(tmp_path / "poem.txt")
     metrics = vt.main(tiny_args(tmp_path, data, "--method", "both", "--tokenizer", "gpt2"))
-    saved = check_outputs(tmp_path / "out", metrics, 50257, ["mdm", "vadd_cs"])
+    saved = check_outputs(tmp_path / "out", metrics, 50257, ["mdm", "vadd", "vadd_cs"])
     lik = saved["likelihood"]
     for method, key in (("mdm", "mdm_nelbo"), ("vadd", "delbo"), ("vadd", "iw_delbo"), ("vadd", "kl")):
         assert math.isfinite(lik[method][key]) and lik[method][key + "_se"] >= 0, key
@@ -109,7 +110,10 @@ def test_gpt2_text_file_both_methods(tmp_path, capsys):
     text = (tmp_path / "out" / "samples_mdm_T2.txt").read_text(encoding="utf-8")
     assert text.count("=" * 40) == 3
     out = capsys.readouterr().out
-    assert "VADD DELBO (not a bound)" in out and "MDM NELBO (bound" in out and "tokens/s" in out and "eta" in out
+    assert "tokens/s" in out and "eta" in out
+    assert re.search(r"\[mdm\] mdm_nelbo [\d.]+ \+- [\d.]+ nats/token \(a bound\)", out)
+    for key in ("delbo", "iw_delbo"):
+        assert re.search(rf"\[vadd\] {key} [\d.]+ \+- [\d.]+ nats/token \(not a bound\)", out)
     for method, name in (("mdm", "NELBO"), ("vadd", "DELBO")):  # validation at --eval-interval 3 and at the end
         assert [f"[{method}] iter {it:7d} | validation {name}" in out for it in (3, 6)] == [True, True]
     assert "nats/token (EMA weights, lambda 1)" in out
@@ -117,8 +121,7 @@ def test_gpt2_text_file_both_methods(tmp_path, capsys):
 
 def test_char_tokens_are_cached_and_decode_back(tmp_path, capsys):
     data = write_text(tmp_path / "poem.txt")
-    args = tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "vadd", "--sampler", "both",
-                     "--max-iters", "3")
+    args = tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "vadd", "--max-iters", "3")
     check_outputs(tmp_path / "out", vt.main(args), len(set(data.read_text())), ["vadd", "vadd_cs"])
     (cache,) = [p for p in (tmp_path / "cache").iterdir()]
     meta = json.loads((cache / "meta.json").read_text())
@@ -148,7 +151,7 @@ def write_prepared(folder, vocab_size, n_train=3000, n_val=400, top=None, seed=0
 def test_prepared_folder_with_an_unusual_vocabulary(tmp_path):
     data = write_prepared(tmp_path / "ids", 37)
     metrics = vt.main(tiny_args(tmp_path, data, "--method", "both"))
-    check_outputs(tmp_path / "out", metrics, 37, ["mdm", "vadd_cs"])
+    check_outputs(tmp_path / "out", metrics, 37, ["mdm", "vadd", "vadd_cs"])
     text = (tmp_path / "out" / "samples_mdm_T1.txt").read_text()
     assert all(0 <= int(w) < 37 for w in text.split("\n")[0].split())  # unknown tokeniser: ids as text
     assert not (tmp_path / "cache").exists()  # a prepared folder is read where it is
@@ -162,10 +165,13 @@ def test_eval_only_and_sample_only_reproduce_the_run(tmp_path):
         assert again["likelihood"]["vadd"][key] == first["likelihood"]["vadd"][key], key
     for a, b in zip(first["by_steps"], again["by_steps"]):
         assert a["bound"] == b["bound"] and a["entropy"] == b["entropy"]
-    saved = np.load(tmp_path / "out" / "samples_vadd_cs_T2.npy")
-    only = vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--sample-only", "--steps", "3"))
-    assert np.array_equal(np.load(tmp_path / "out" / "samples_vadd_cs_T2.npy"), saved)
-    assert [(r["sampler"], r["steps"], "bound" in r) for r in only["by_steps"]][-1] == ("vadd_cs", 3, False)
+    names = [f"samples_{s}_T{T}.npy" for s in ("vadd", "vadd_cs") for T in (1, 2)]
+    saved = {name: np.load(tmp_path / "out" / name) for name in names}
+    for name in names:
+        os.remove(tmp_path / "out" / name)
+    only = vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--sample-only"))  # the same samples again
+    assert all(np.array_equal(np.load(tmp_path / "out" / name), saved[name]) for name in names)
+    assert [(r["sampler"], r["steps"], "bound" in r) for r in only["by_steps"]][-1] == ("vadd_cs", 2, False)
 
 
 def test_openwebtext_preparation_follows_mdlm(tmp_path, monkeypatch):
@@ -288,7 +294,7 @@ def test_ddp_two_processes_read_different_windows(tmp_path):
         one_process = vt.window_offsets(rng, n_train, cfg, 0, 1).ravel().tolist()
         assert sorted(windows[0][it] + windows[1][it]) == sorted(one_process)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())  # rank 0 finished and wrote the results
-    assert {r["sampler"] for r in saved["by_steps"]} == {"vadd_cs"}
+    assert {r["sampler"] for r in saved["by_steps"]} == {"vadd", "vadd_cs"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,8 +315,8 @@ def tiny_scorer(folder, text, context):
     return fast
 
 
-def load_scorer(folder, default=False):
-    return vt.load_scorer(types.SimpleNamespace(eval_model=str(folder), device="cpu", default_scorer=default))
+def load_scorer(folder):
+    return vt.load_scorer(types.SimpleNamespace(eval_model=str(folder), device="cpu"))
 
 
 def test_generative_perplexity_scores_every_token_once(tmp_path):
@@ -355,16 +361,27 @@ def small_cfg(tmp_path, *extra):
     return cfg
 
 
-def test_preset_gives_the_sizes_and_flags_given_win(tmp_path):
+def test_presets_fit_the_data_and_flags_given_win(tmp_path, monkeypatch):
+    """Where CUDA is, a text file gets nanoGPT's Shakespeare-character model and OpenWebText / LM1B get
+    MDLM-small; without CUDA the cpu preset; a preset or a flag given wins."""
     cpu = small_cfg(tmp_path, "--width", "64", "--rec-heads", "2")  # tiny_args: --preset cpu --layers 1 ...
     assert (cpu.layers, cpu.width, cpu.heads, cpu.cond_dim, cpu.latent_dim, cpu.dropout) == (1, 64, 2, 16, 4, 0.0)
     assert (cpu.rec_layers, cpu.rec_width, cpu.rec_heads) == (1, 64, 2)
-    gpu = vt.parse_config(["--data", "shakespeare", "--preset", "gpu", "--eval-model", "none",
-                           "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
-    assert ((gpu.layers, gpu.width, gpu.heads, gpu.cond_dim, gpu.latent_dim, gpu.dropout)
-            == (12, 768, 12, 128, 512, 0.1))
-    assert (gpu.rec_layers, gpu.rec_width, gpu.rec_heads, gpu.block_size) == (12, 768, 12, 256)
-    assert vt.parse_config(["--data", "shakespeare", "--preset", "cpu", "--eval-model", "none"]).width == 128
+    base = ["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)  # no global change
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = vt.parse_config(["--data", "shakespeare", *base])
+    assert ((gpu.preset, gpu.layers, gpu.width, gpu.heads, gpu.dropout, gpu.tokenizer)
+            == ("gpu", 6, 384, 6, 0.2, "char"))
+    assert (gpu.block_size, gpu.batch_size, gpu.max_iters, gpu.lr) == (256, 64, 5000, 1e-3)
+    for data, block_size in (("openwebtext", 1024), ("lm1b", 128)):
+        mdlm = vt.parse_config(["--data", data, *base])
+        assert ((mdlm.preset, mdlm.layers, mdlm.width, mdlm.heads, mdlm.cond_dim, mdlm.latent_dim, mdlm.dropout)
+                == ("mdlm", 12, 768, 12, 128, 512, 0.1))
+        assert (mdlm.block_size, mdlm.tokenizer, mdlm.lr) == (block_size, "gpt2", 3e-4)
+    assert vt.parse_config(["--data", "openwebtext", "--preset", "gpu", *base]).width == 384
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert vt.parse_config(["--data", "openwebtext", *base]).preset == "cpu"
 
 
 def test_fresh_denoiser_is_uniform_over_real_tokens(tmp_path):
@@ -441,9 +458,9 @@ def test_samplers_count_calls_and_reuse_only_where_valid(tmp_path):
     (["--steps", "1,x"], "whole numbers separated by commas"),
     (["--width", "30"], "heads of even size"),
     (["--batch-size", "6", "--grad-accum", "4"], "must be a multiple of"),
-    (["--eval-only", "--sample-only"], "--eval-only and --sample-only ask for different runs"),
+    (["--eval-only", "--sample-only"], "argument --sample-only: not allowed with argument --eval-only"),
     (["--tokenizer", "bpe"], "invalid choice: 'bpe'"),
-    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number >= 1"),
+    (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number from 1 to inf"),
 ])
 def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
     data = write_text(tmp_path / "poem.txt")
@@ -453,21 +470,15 @@ def test_bad_flags_stop_before_writing(tmp_path, capsys, extra, message):
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_missing_empty_and_unprepared_data_are_refused(tmp_path, capsys):
+def test_missing_empty_and_unprepared_data_are_refused(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "train.bin").write_bytes(b"")
-    for data, message in [(tmp_path / "nothing.txt", "no such file or folder"),
-                          (tmp_path / "empty.txt", "is empty"),
-                          (tmp_path / "half", "lacks val.bin, meta.json")]:
-        with pytest.raises(SystemExit) as e:
+    for data, message in [(tmp_path / "nothing.txt", "no such file or folder, and not one of shakespeare"),
+                          (tmp_path / "empty.txt", "is empty: give a text file with some text in it"),
+                          (tmp_path / "half", "the folder lacks val.bin, meta.json")]:
+        with pytest.raises(SystemExit, match=message):
             vt.main(tiny_args(tmp_path, data))
-        assert e.value.code == 2 and message in capsys.readouterr().err
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(SystemExit) as e:
-        vt.main(tiny_args(tmp_path, write_text(tmp_path / "poem.txt"),
-                          "--out-dir", str(tmp_path / "file" / "out")))
-    assert e.value.code == 2 and "is a file, not a folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
@@ -514,30 +525,41 @@ def test_meta_json_is_checked_when_the_data_is_loaded(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_default_scorer_is_skipped_when_it_cannot_be_loaded(tmp_path, monkeypatch, capsys):
-    """Left to its default (GPT-2 Large), the scorer is skipped with one line where it cannot be loaded, and
-    the run goes on; asked for by name, it must load, before any training."""
+def test_the_default_scorer_is_used_only_from_the_cache_and_an_asked_one_must_load(tmp_path, monkeypatch,
+                                                                                  capsys):
+    """Left to its default, GPT-2 Large is only looked up in the local Hugging Face cache, never downloaded
+    (3.2 GB nobody asked for): where it is not there one line says how to get it and the run goes on. A scorer
+    asked for by name may be downloaded, and must load before any training."""
     transformers = pytest.importorskip("transformers")
+    data = write_text(tmp_path / "poem.txt")
+    tiny_scorer(tmp_path / "scorer", data.read_text(), context=64)
+    calls, cache = [], {}
 
-    def unreachable(*args, **kwargs):
-        raise OSError("offline")
+    def from_pretrained(cls):
+        real = cls.from_pretrained
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
-    monkeypatch.setattr(vt.urllib.request, "urlopen", unreachable)  # no network: skipped at once
-    data = write_prepared(tmp_path / "ids", 37)
-    args = [a for a in tiny_args(tmp_path, data, "--method", "mdm") if a not in ("--eval-model", "none")]
+        def load(name, **kwargs):
+            calls.append((name, kwargs.get("local_files_only")))
+            if name not in cache:
+                raise OSError(f"{name} is not in the cache")
+            return real(cache[name])
+        return load
+
+    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", from_pretrained(cls))
+    args = [a for a in tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "mdm", "--steps", "1")
+            if a not in ("--eval-model", "none")]
     metrics = vt.main(args)
-    out = capsys.readouterr().out
-    assert "note: generative perplexity is skipped: the scorer gpt2-large cannot be loaded (https://" in out
-    assert "downloading" not in out
-    assert metrics["by_steps"] and all("gen_ppl" not in r for r in metrics["by_steps"])
-    monkeypatch.setattr(vt.urllib.request, "urlopen", lambda *a, **k: types.SimpleNamespace(close=lambda: None))
-    vt.main(args + ["--overwrite"])  # the hub answers: the size is said before the download (which fails here)
-    out = capsys.readouterr().out
-    assert "downloading the scorer gpt2-large (about 3.2 GB)" in out and "skipped" in out
+    assert "gen-PPL is skipped: GPT-2 Large is not in the Hugging Face cache; --eval-model gpt2-large " \
+           "downloads it (about 3.2 GB" in capsys.readouterr().out
+    assert calls == [("gpt2-large", True)] and all("gen_ppl" not in r for r in metrics["by_steps"])
+    cache["gpt2-large"] = str(tmp_path / "scorer")  # now in the cache: used, still never downloaded
+    metrics = vt.main(args + ["--out-dir", str(tmp_path / "cached")])
+    assert calls[1:] == [("gpt2-large", True)] * 2 and math.isfinite(metrics["by_steps"][0]["gen_ppl"])
+    capsys.readouterr()
     with pytest.raises(SystemExit, match="cannot load the scorer --eval-model my-scorer"):
-        vt.main(args + ["--eval-model", "my-scorer", "--overwrite"])
-    assert "] iter" not in capsys.readouterr().out
+        vt.main(args + ["--eval-model", "my-scorer", "--out-dir", str(tmp_path / "asked")])
+    assert calls[-1] == ("my-scorer", False) and "] iter" not in capsys.readouterr().out
 
 
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):
@@ -551,16 +573,14 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
-def test_default_scorer_is_skipped_without_transformers_but_an_asked_one_is_required(tmp_path, monkeypatch,
-                                                                                     capsys):
-    args = [a for a in tiny_args(tmp_path, "shakespeare") if a not in ("--eval-model", "none")]
-    assert vt.parse_config(args).eval_model == ("gpt2-large" if vt.have("transformers") else None)
-    monkeypatch.setattr(vt, "have", lambda package: False)
-    assert vt.parse_config(args).eval_model is None
-    assert "generative perplexity is skipped" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        vt.parse_config(args + ["--eval-model", "gpt2"])
-    assert "needs the `transformers` package" in capsys.readouterr().err
+def test_without_transformers_the_default_scorer_is_skipped_and_an_asked_one_says_what_to_install(monkeypatch,
+                                                                                              capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    assert vt.load_scorer(types.SimpleNamespace(eval_model=None, device="cpu")) is None
+    assert "gen-PPL is skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--eval-model gpt2 \(pip install transformers\)"):
+        vt.load_scorer(types.SimpleNamespace(eval_model="gpt2", device="cpu"))
+    assert vt.load_scorer(types.SimpleNamespace(eval_model="none", device="cpu")) is None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -570,7 +590,7 @@ def test_steps_objective_end_to_end_and_its_recognition_sees_everything_masked(t
     data = write_prepared(tmp_path / "ids", 37)
     metrics = vt.main(tiny_args(tmp_path, data, "--method", "both", "--objective", "steps",
                                 "--train-steps", "1,3"))
-    saved = check_outputs(tmp_path / "out", metrics, 37, ["mdm", "vadd_cs"])
+    saved = check_outputs(tmp_path / "out", metrics, 37, ["mdm", "vadd", "vadd_cs"])
     assert all(saved["config"][m]["objective"] == "steps" and saved["config"][m]["train_steps"] == [1, 3]
                for m in ("mdm", "vadd"))
     cfg = small_cfg(tmp_path, "--objective", "steps")
