@@ -18,8 +18,8 @@ import copy
 import hashlib
 import math
 import os
-import shutil
 import tarfile
+import tempfile
 import time
 import urllib.request
 
@@ -38,9 +38,8 @@ import common
 V, MASK, SHAPE = 256, 256, (32, 32, 3)  # sub-pixel values, the [M] id, token layout (height, width, colour)
 D = 32 * 32 * 3  # tokens per image
 
-# Presets fill every flag marked "(default from --preset)". gpu: the UNet of DDPM for CIFAR-10 (Ho et al. 2020:
-# 128 channels, multipliers 1,2,2,2, two residual blocks per resolution, attention at 16 x 16, dropout 0.1; about
-# 36M parameters), batch 128, lr 2e-4 with 5000 warm-up steps, EMA 0.9999, and the paper's 2M iterations.
+# Presets fill every flag marked "(default from --preset)". gpu: the UNet of DDPM for CIFAR-10 (Ho et al. 2020,
+# about 36M parameters), batch 128, lr 2e-4 with 5000 warm-up steps, EMA 0.9999, the paper's 2M iterations.
 # cpu: a small UNet that trains in minutes on two cores.
 PRESETS = {
     "gpu": dict(channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16", dropout=0.1, embed_dim=32,
@@ -70,11 +69,9 @@ def build_parser():
       help="resolutions with self-attention, comma separated, '' for none" + preset)
     a("--dropout", type=number(0, 1), help="dropout in the residual blocks" + preset)
     a("--embed-dim", type=whole(), help="size of one sub-pixel value's vector; three per pixel" + preset)
-    a("--time-cond", default=False, action=argparse.BooleanOptionalAction,
-      help="feed t to the denoiser (default off: the optimal masked denoiser ignores t, and samplers can then "
-           "reuse its output while an image is unchanged)")
-    a("--latent-dim", type=whole(), help="size of z (VADD), one code per image: small next to its 3072 tokens"
-      + preset)
+    a("--time-cond", default=False, action=argparse.BooleanOptionalAction, help="feed t to the denoiser (default "
+      "off: the optimal masked denoiser ignores t, so samplers reuse its output while an image is unchanged)")
+    a("--latent-dim", type=whole(), help="size of z (VADD), one per image: small next to its 3072 tokens" + preset)
     a("--weight-decay", type=number(0), default=0.0, help="AdamW weight decay (default 0)")
     a("--steps", type=common.counts, default="1,5,10,20,50,100", help="denoising step counts (%(default)s)")
     a("--num-samples", type=whole(), help="images drawn per sampler and step count" + preset)
@@ -128,16 +125,15 @@ def read_batch(path):
 
 
 def cifar_folder(cfg):
-    """The folder of binary batches: --data, or the cache, downloading the archive once and checking its md5.
-    A failed, partial or corrupt download is deleted, so nothing broken is ever cached."""
+    """--data, or the cache, downloading the archive once and checking its md5: nothing broken is ever cached."""
     if cfg.data is not None:
         return cfg.data
     folder = os.path.join(cfg.cache_dir, "cifar-10-batches-bin")
     if all(os.path.isfile(os.path.join(folder, f)) for f in TRAIN_FILES + [TEST_FILE]):
         return folder
     os.makedirs(cfg.cache_dir, exist_ok=True)
-    archive, unpacked = f"{folder}.tar.gz.tmp{os.getpid()}", f"{folder}.tmp{os.getpid()}"
-    try:
+    with tempfile.TemporaryDirectory(dir=cfg.cache_dir) as tmp:  # removed with whatever it holds, come what may
+        archive = os.path.join(tmp, "cifar-10-binary.tar.gz")
         print(f"downloading {CIFAR_URL} (163 MB) into {cfg.cache_dir}", flush=True)
         try:
             urllib.request.urlretrieve(CIFAR_URL, archive)
@@ -149,18 +145,13 @@ def cifar_folder(cfg):
         if md5 != CIFAR_MD5:
             raise SystemExit(f"the download of {CIFAR_URL} is corrupt or partial (md5 {md5}, expected "
                              f"{CIFAR_MD5}); it was deleted: run again")
-        os.makedirs(unpacked)
-        with tarfile.open(archive, "r:gz") as tar:  # only the six known members, by name: no path tricks
+        os.makedirs(os.path.join(tmp, "batches"))
+        with tarfile.open(archive, "r:gz") as tar:  # only the six known members, by name: no path from the archive
             for name in TRAIN_FILES + [TEST_FILE]:
-                with tar.extractfile(f"cifar-10-batches-bin/{name}") as src:
-                    with open(os.path.join(unpacked, name), "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-        os.replace(unpacked, folder)
-        return folder
-    finally:  # whatever happened, no partial archive or folder stays in the cache
-        shutil.rmtree(unpacked, ignore_errors=True)
-        if os.path.exists(archive):
-            os.remove(archive)
+                with open(os.path.join(tmp, "batches", name), "wb") as f:
+                    f.write(tar.extractfile(f"cifar-10-batches-bin/{name}").read())
+        os.replace(os.path.join(tmp, "batches"), folder)
+    return folder
 
 
 def load_cifar(cfg):
@@ -169,8 +160,7 @@ def load_cifar(cfg):
     train = np.concatenate([read_batch(os.path.join(folder, f))[0] for f in TRAIN_FILES])
     test = read_batch(os.path.join(folder, TEST_FILE))[0]
     if cfg.val_images >= len(train):
-        raise SystemExit(f"--val-images {cfg.val_images} leaves none of the {len(train)} training images to "
-                         f"train on")
+        raise SystemExit(f"--val-images {cfg.val_images} leaves none of the {len(train)} training images to train")
     order = np.random.default_rng(12345).permutation(len(train))
     return train[order[cfg.val_images:]], train[order[:cfg.val_images]], test
 
@@ -191,6 +181,13 @@ def group_norm(channels):
     return nn.GroupNorm(math.gcd(32, channels // 4) or 1, channels)
 
 
+def zeroed(layer):
+    """`layer` with zero weights and bias: a fresh block starts as the identity, a fresh head at its prior."""
+    for p in layer.parameters():
+        nn.init.zeros_(p)
+    return layer
+
+
 class ResBlock(nn.Module):
     """Two 3x3 convolutions with a skip; the second normalisation is scaled and shifted by the conditioning
     vector c (as the paper's UNet does with time + MLP(z)), zero-initialised so a fresh block ignores c."""
@@ -198,17 +195,13 @@ class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, cond_width=0, dropout=0.0):
         super().__init__()
         self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out), zeroed(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        self.modulation = nn.Linear(cond_width, 2 * c_out) if cond_width else None
-        for layer in [self.conv2] + ([self.modulation] if self.modulation is not None else []):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.modulation = zeroed(nn.Linear(cond_width, 2 * c_out)) if cond_width else None
 
     def forward(self, x, c=None):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.norm2(h)
+        h = self.norm2(self.conv1(F.silu(self.norm1(x))))
         if self.modulation is not None:
             scale, shift = self.modulation(c)[:, :, None, None].chunk(2, 1)
             h = h * (1 + scale) + shift
@@ -222,9 +215,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = max(1, channels // 64)
         self.norm, self.qkv = group_norm(channels), nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.proj = zeroed(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x, c=None):
         B, C, H, W = x.shape
@@ -235,9 +226,8 @@ class Attention(nn.Module):
 
 
 class SubPixelEmbedding(nn.Module):
-    """Each sub-pixel value has its own learned vector, one table per colour channel (values 0..V-1 and, with
-    `mask`, [M] = V), and a pixel's three vectors are concatenated (as MD4 does): tokens (B, 32, 32, 3) ->
-    features (B, 3 * dim, 32, 32)."""
+    """A learned vector per sub-pixel value and colour channel ([M] = V too, with `mask`), a pixel's three
+    concatenated (as MD4 does): tokens (B, 32, 32, 3) -> features (B, 3 * dim, 32, 32)."""
 
     def __init__(self, dim, mask=True):
         super().__init__()
@@ -282,18 +272,16 @@ class Encoder(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """mu_theta(x0 | x_t, z, t): UNet over the embedded sub-pixels ([M] has its own vectors), 256 logits per
-    sub-pixel, so [M] is never predicted. The conditioning vector, an optional time embedding plus an MLP
-    of z (VADD), modulates every residual block."""
+    """mu_theta(x0 | x_t, z, t): a UNet over the embedded sub-pixels, 256 logits per sub-pixel ([M] is never
+    predicted); an MLP of z (VADD) plus, with --time-cond, a time embedding modulates every residual block."""
 
     def __init__(self, cfg, latent_dim=0):
         super().__init__()
         ch = cfg.channels
         cond = 4 * ch if (latent_dim or cfg.time_cond) else 0
         self.time = nn.Sequential(nn.Linear(ch, cond), nn.SiLU(), nn.Linear(cond, cond)) if cfg.time_cond else None
-        self.latent = None
-        if latent_dim:
-            self.latent = nn.Sequential(nn.Linear(latent_dim, cond), nn.SiLU(), nn.Linear(cond, cond))
+        self.latent = (nn.Sequential(nn.Linear(latent_dim, cond), nn.SiLU(), nn.Linear(cond, cond))
+                       if latent_dim else None)
         self.embed = SubPixelEmbedding(cfg.embed_dim)
         self.encoder = Encoder(cfg, 3 * cfg.embed_dim, cond)
         c, res = self.encoder.out_channels, self.encoder.out_res
@@ -310,37 +298,28 @@ class Denoiser(nn.Module):
                 self.decoder.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
                 res *= 2
         # a per-pixel readout (1x1, like a transformer's output layer): a 3x3 convolution to 768 channels
-        # would cost as much as the rest of a small UNet
-        self.out = nn.Sequential(group_norm(c), nn.SiLU(), nn.Conv2d(c, 3 * V, 1))
-        nn.init.zeros_(self.out[-1].weight)  # a fresh denoiser is uniform: NELBO = D log V
-        nn.init.zeros_(self.out[-1].bias)
+        # would cost as much as the rest of a small UNet. Zeroed: a fresh denoiser is uniform, NELBO = D log V
+        self.out = nn.Sequential(group_norm(c), nn.SiLU(), zeroed(nn.Conv2d(c, 3 * V, 1)))
 
     def forward(self, xt, t=None, z=None):
-        c = None
-        if self.time is not None:
+        c = None if self.latent is None else self.latent(z)
+        if self.time is not None:  # sinusoids of 1000 t, as DDPM embeds its step
             half = self.time[0].in_features // 2
             freqs = torch.exp(-math.log(10_000) * torch.arange(half, device=xt.device) / half)
             angles = 1000 * t.float()[:, None] * freqs
-            c = self.time(torch.cat([angles.sin(), angles.cos()], 1))
-        if self.latent is not None:
-            c = self.latent(z) if c is None else c + self.latent(z)
+            c = (0 if c is None else c) + self.time(torch.cat([angles.sin(), angles.cos()], 1))
         hs = self.encoder(self.embed(xt), c)
         h = hs[-1]
         for layer in self.middle:
             h = layer(h, c)
-        for layer in self.decoder:
-            if isinstance(layer, ResBlock):
-                h = layer(torch.cat([h, hs.pop()], 1), c)
-            else:
-                h = layer(h)
-        B = xt.shape[0]
-        return self.out(h).view(B, 3, V, 32, 32).permute(0, 3, 4, 1, 2)  # (B, 32, 32, 3, V), like the tokens
+        for layer in self.decoder:  # each residual block takes one skip
+            h = layer(torch.cat([h, hs.pop()], 1), c) if isinstance(layer, ResBlock) else layer(h)
+        return self.out(h).view(-1, 3, V, 32, 32).permute(0, 3, 4, 1, 2)  # (B, 32, 32, 3, V), like the tokens
 
 
 class Recognition(nn.Module):
-    """r_phi(z | x0, x_t) = N(mean, diag exp(logvar)): the same UNet family ("siamese") over the embedded
-    clean x0 and the mask map of x_t, which together carry what (x0, x_t) does; the encoder path, averaged
-    over pixels. Zero-initialised output: r starts at the prior and the KL at 0."""
+    """r_phi(z | x0, x_t) = N(mean, diag exp(logvar)): the UNet's encoder ("siamese") over the embedded x0 and
+    the mask map of x_t (together what (x0, x_t) carries), averaged over pixels; r starts at the prior."""
 
     def __init__(self, cfg, latent_dim):
         super().__init__()
@@ -348,9 +327,7 @@ class Recognition(nn.Module):
         self.encoder = Encoder(cfg, 3 * cfg.embed_dim + 3, 0)
         c = self.encoder.out_channels
         self.head = nn.Sequential(group_norm(c), nn.SiLU())
-        self.out = nn.Linear(c, 2 * latent_dim)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.out = zeroed(nn.Linear(c, 2 * latent_dim))
 
     def forward(self, x0, masked):
         h = torch.cat([self.embed(x0), masked.permute(0, 3, 1, 2).float()], 1)
@@ -427,8 +404,7 @@ def sample(model, num, T, sampler, cfg):
     """num images from `sampler` in T steps, in batches of --sample-batch. The denoiser runs only on images
     that still hold a [M] and whose input (x_t, z or, with --time-cond, t) changed since its last call.
     Returns (uint8 images (num, 32, 32, 3), network evaluations per image)."""
-    device, latent = next(model.parameters()).device, SAMPLERS[sampler][2]
-    images, evaluations = [], 0
+    device, latent, images, evaluations = next(model.parameters()).device, SAMPLERS[sampler][2], [], 0
     for start in range(0, num, cfg.sample_batch):
         n = min(cfg.sample_batch, num - start)
         xt = torch.full((n, *SHAPE), model.mask_id, dtype=torch.long, device=device)
@@ -446,7 +422,6 @@ def sample(model, num, T, sampler, cfg):
             alpha_t, alpha_s = model.schedule.alpha_grid(torch.tensor([i / T, (i - 1) / T], dtype=torch.float64))
             xs = common.reverse_step(xt, logits, alpha_t, alpha_s, model.mask_id)
             stale, xt = (xs != xt).flatten(1).any(1), xs
-        assert not (xt == model.mask_id).any(), "alpha = 1 at s = 0 reveals every position on the last step"
         images.append(xt.to(torch.uint8).cpu())
     return torch.cat(images).numpy(), evaluations / num
 
@@ -461,16 +436,14 @@ def bpd(nats):
 
 @torch.no_grad()
 def likelihoods(model, x0, cfg):
-    """This rank's share x0 of the test images; figures over every rank in bits per dimension, each (mean,
-    standard error): the continuous-time NELBO (MDM) or DELBO and its importance-weighted version (VADD;
-    comparison figures, not bounds), and under (sampler, T) the valid T-step bound of each sampler (the
-    unbiased one-random-step estimate: one network call per image)."""
+    """Test figures in bpd, each (mean, standard error over every rank's share x0): the continuous-time NELBO
+    (MDM, a bound) or the DELBO and IW-DELBO (VADD, not bounds), and under (sampler, T) each sampler's valid
+    T-step bound from one random step per image (unbiased)."""
     device, vadd = torch.device(cfg.device), model.recognition is not None
     samplers = [s for s, (_, method, _) in SAMPLERS.items() if method == model.method]
     keys = ["delbo", "iw_delbo"] if vadd else ["mdm_nelbo"]
     figures = {key: [] for key in keys + [(s, T) for s in samplers for T in cfg.steps]}
-    chunk = min(cfg.eval_batch, common.rows_per_call(D, V))
-    for x in x0.split(chunk):
+    for x in torch.from_numpy(x0).long().split(min(cfg.eval_batch, common.rows_per_call(D, V))):
         x = x.to(device)
         with common.autocast(device, cfg.dtype):
             figures[keys[0]].append(delbo(model, x, 1.0)[0])
@@ -482,14 +455,6 @@ def likelihoods(model, x0, cfg):
                     figures[s, T].append(common.step_bound(x, model.denoise, model.schedule, model.mask_id, T,
                                                            model.recognition, s))
     return {k: tuple(bpd(v) for v in common.mean_se(parts, device)) for k, parts in figures.items()}
-
-
-def gather(images, world):
-    """Every rank's images (ranks may hold different counts), concatenated in rank order."""
-    parts = [images] * world
-    if world > 1:
-        dist.all_gather_object(parts, images)
-    return np.concatenate(parts)
 
 
 def fid_metric(cfg):
@@ -512,28 +477,28 @@ def fid_metric(cfg):
 
 
 def fid_update(metric, images, real, batch=500):
-    for start in range(0, len(images), batch):
-        chunk = torch.as_tensor(np.ascontiguousarray(images[start:start + batch])).permute(0, 3, 1, 2)
+    for chunk in torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).split(batch):
         metric.update(chunk.to(metric.device), real=real)
 
 
 def evaluate(model, method, cfg, data, fid, rank, world):
-    """The test likelihoods (not with --sample-only), then --num-samples images from every sampler of `method`
-    at every step count, shared out over the ranks; rank 0 saves them (samples_<sampler>_T<T>.npy and .png)
-    and scores their FID. Prints each figure; returns the likelihood entry and the by_steps rows."""
-    figures = {}
-    if not cfg.sample_only:
-        common.seed_everything(cfg.seed + 3 + 1000 * rank)
-        figures = likelihoods(model, torch.from_numpy(data[2][:cfg.num_eval]).long()[rank::world], cfg)
-        for key in [k for k in figures if isinstance(k, str)]:
-            common.print0(f"[{method}] {key} {figures[key][0]:.4f} +- {figures[key][1]:.4f} bpd")
+    """The likelihood entry (none with --sample-only) and by_steps rows of `method`: each of its samplers at every
+    --steps count, drawn over the ranks; rank 0 saves samples_<sampler>_T<T>.npy and .png and scores the FID."""
+    common.seed_everything(cfg.seed + 3 + 1000 * rank)  # each rank its own draws for its share of the test set
+    figures = {} if cfg.sample_only else likelihoods(model, data[2][:cfg.num_eval][rank::world], cfg)
+    for key in [k for k in figures if isinstance(k, str)]:
+        kind = "a bound, continuous time" if key == "mdm_nelbo" else "not a bound"
+        common.print0(f"[{method}] {key} {figures[key][0]:.4f} +- {figures[key][1]:.4f} bpd ({kind})")
     rows = []
     for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == method]:
         for T in cfg.steps:
             common.seed_everything(cfg.seed + 4 + 1000 * rank)
             t0 = time.time()
             images, nfe = sample(model, len(range(rank, cfg.num_samples, world)), T, sampler, cfg)
-            images = gather(images, world)
+            parts = [images] * world  # every rank's images (their counts may differ), in rank order
+            if world > 1:
+                dist.all_gather_object(parts, images)
+            images = np.concatenate(parts)
             row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe,
                    "num_samples": len(images)}
             line = f"[{sampler}] T={T}: {len(images)} samples in {row['sample_seconds']:.1f}s"
@@ -585,8 +550,7 @@ def train(cfg, method, data, ckpt, rank, world):
         kl_weight = torch.tensor(lam)  # a tensor: one compiled graph for every value
         figures = torch.zeros(2, device=device)  # (loss, KL), the mean over the micro-batches
         for m in range(cfg.grad_accum):  # each rank's slice of every global micro-batch
-            x = draw_batch(train_images, cfg.batch_size // cfg.grad_accum, rng, cfg.flip)[rank::world]
-            x = x.to(device, non_blocking=True)
+            x = draw_batch(train_images, cfg.batch_size // cfg.grad_accum, rng, cfg.flip)[rank::world].to(device)
             with ddp.no_sync() if world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext():
                 with common.autocast(device, cfg.dtype):
                     loss, kl = step(x, kl_weight)
@@ -647,22 +611,20 @@ def main(argv=None):
             common.make_out_dir(cfg)
             if world > 1:
                 dist.barrier()
-        run_start = time.time()
+        run_start, histories = time.time(), {}
         if fid is not None:  # reference statistics of the training set, once for every sampler and step count
             fid_update(fid.to(cfg.device), np.concatenate([data[0], data[1]]), real=True)
         metrics = {"unit": "bits per dimension (sub-pixel); KL in nats per image", "config": {}, "likelihood": {},
                    "training": {}, "by_steps": []}
-        histories = {}
         for method in methods:
             if training:
                 model, histories[method], metrics["training"][method] = train(cfg, method, data,
                                                                               checkpoints[method], rank, world)
             else:  # the checkpoint's EMA weights
-                model = Model(cfg, method)
+                model, histories[method] = Model(cfg, method).to(cfg.device), checkpoints[method]["history"]
                 model.load_state_dict(checkpoints[method]["ema"]["params"])
-                model, histories[method] = model.to(cfg.device).eval(), checkpoints[method]["history"]
             metrics["config"][method] = dict(vars(cfg))
-            metrics["likelihood"][method], rows = evaluate(model, method, cfg, data, fid, rank, world)
+            metrics["likelihood"][method], rows = evaluate(model.eval(), method, cfg, data, fid, rank, world)
             metrics["by_steps"] += rows
         if rank > 0:
             return None
@@ -686,14 +648,9 @@ def data_name(cfg):
 
 
 def print_table(cfg, metrics):
-    print(f"\n{data_name(cfg)} test figures ({cfg.num_eval} images), bits per dimension:")
-    for method, key, label in [("mdm", "mdm_nelbo", "MDM NELBO (bound, continuous time)"),
-                               ("vadd", "delbo", "VADD DELBO (not a bound)"),
-                               ("vadd", "iw_delbo", "VADD IW-DELBO (not a bound)")]:
-        lik = metrics["likelihood"].get(method, {})
-        if key in lik:
-            print(f"  {label:45s} {lik[key]:7.4f} +- {lik[key + '_se']:.4f}")
-    print(f"\n{'sampler':8s} {'T':>4s} {'valid bound (bpd)':>19s} {'FID':>7s} {'NFE':>7s} {'sec':>7s}")
+    """Every sampler at every T side by side (the likelihoods were printed as they were computed)."""
+    print(f"\n{data_name(cfg)}, valid T-step bounds on {cfg.num_eval} test images (bits per dimension):")
+    print(f"{'sampler':8s} {'T':>4s} {'valid bound (bpd)':>19s} {'FID':>7s} {'NFE':>7s} {'sec':>7s}")
     for r in metrics["by_steps"]:
         bound = f"{r['bound']:8.4f} +- {r['bound_se']:.4f}" if "bound" in r else "-"
         fid = f"{r['fid']:7.2f}" if "fid" in r else "-"
@@ -717,21 +674,17 @@ def tile(images, cols):
 
 
 def plot_overview(path, cfg, data, metrics):
-    """Rows: test images and each sampler in metrics.json (read back from samples_*.npy); columns: step
-    counts; each cell 16 images."""
-    plt = common.pyplot()
+    """Rows: test images, then each sampler in metrics.json (from samples_*.npy); columns: step counts."""
     rows = ["data"] + [s for s in SAMPLERS if any(r["sampler"] == s for r in metrics["by_steps"])]
-    fig, axes = plt.subplots(len(rows), len(cfg.steps), figsize=(max(6, 2 * len(cfg.steps)), 2.1 * len(rows)),
-                             squeeze=False)
+    fig, axes = common.pyplot().subplots(len(rows), len(cfg.steps), squeeze=False,
+                                         figsize=(max(6, 2 * len(cfg.steps)), 2.1 * len(rows)))
     for r, row in enumerate(rows):
         for c, T in enumerate(cfg.steps):
-            saved, images = os.path.join(cfg.out_dir, f"samples_{row}_T{T}.npy"), None
-            if row == "data":
-                images = None if data is None else data[16 * c:]
-            elif os.path.exists(saved):
-                images = np.load(saved)
-            if images is not None:
-                axes[r, c].imshow(tile(images[:16], 4))
+            saved = os.path.join(cfg.out_dir, f"samples_{row}_T{T}.npy")
+            if row == "data" and data is not None:
+                axes[r, c].imshow(tile(data[16 * c:16 * (c + 1)], 4))
+            elif row != "data" and os.path.exists(saved):
+                axes[r, c].imshow(tile(np.load(saved)[:16], 4))
             axes[r, c].axis("off")
             if r == 0:
                 axes[r, c].set_title(f"T = {T}", fontsize=9)

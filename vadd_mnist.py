@@ -38,10 +38,9 @@ import common
 SIZE, V, MASK = 32, 2, 2  # padded image side, pixel values {0, 1}, the mask token
 D = SIZE * SIZE  # tokens per image
 
-# The flags each --preset sets. gpu fits one GPU: the paper gives the task (threshold 0.5, 32 x 32, test bpd) but
-# not the UNet or the budget, so channels, depth, latent size, batch and iterations are our choices, sized like
-# the small DDPM/MD4 UNets. cpu runs both methods in about 16 minutes on 2 cores (README): 2 x 2 patches, a
-# narrow UNet, a short budget.
+# The flags each --preset sets. The paper gives the task (threshold 0.5, 32 x 32, test bpd) but not the UNet or
+# the budget: gpu is our choice, sized like the small DDPM/MD4 UNets; cpu runs both methods in about 16 minutes
+# on 2 cores (README).
 PRESETS = {
     "gpu": dict(channels=64, channel_mult="1,2,2", num_res_blocks=2, attn_res="8", patch=1, dropout=0.1,
                 latent_dim=32, max_iters=100_000, batch_size=128, lr=2e-4, warmup_iters=1000, ema=0.9999,
@@ -86,8 +85,8 @@ def build_parser():
     a("--patch", type=int, choices=(1, 2, 4), help="pixels per side folded into one UNet input cell" + preset)
     a("--dropout", type=common.number(0, 1), help="dropout inside the residual blocks" + preset)
     a("--time-cond", action="store_true",
-      help="condition the denoiser on t too (off: the optimal masked denoiser needs only x_t, MDLM, "
-           "and the samplers can reuse its output while an image does not change)")
+      help="condition the denoiser on t too (off: the optimal masked denoiser needs only x_t, MDLM, and the "
+      "samplers reuse its output while an image does not change)")
     a("--latent-dim", type=whole(), help="size of z (VADD)" + preset)
     common.add_training_flags(p, {"out_dir": os.path.join("out", "mnist")}, PRESETS["gpu"])
     return p
@@ -118,9 +117,7 @@ def parse_config(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 # Data: the four MNIST IDX files, binarised at 0.5 and padded to 32 x 32
 
-MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's first mirror
-           "https://storage.googleapis.com/cvdf-datasets/mnist/",  # TensorFlow's
-           "http://yann.lecun.com/exdb/mnist/"]  # the original, often unavailable
+MIRRORS = ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"]
 MNIST_MD5 = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
@@ -128,33 +125,31 @@ MNIST_MD5 = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
 
 
 def download_mnist(cache_dir):
-    """Fetch the four gzipped IDX files into cache_dir, each from the first mirror that serves it with its known
-    md5. A file that fails the check (corrupt or cut short), cached or just downloaded, is deleted and reported,
-    never used."""
+    """Fetch the four gzipped IDX files into cache_dir, each from the first mirror that serves it with its md5.
+    A file that fails the check, cached or just downloaded, is deleted and reported, never used."""
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"--cache-dir {cache_dir} cannot be made a folder ({e.strerror}): choose another")
     for name, md5 in MNIST_MD5.items():
         path, errors = os.path.join(cache_dir, name), []
-        for mirror in [None] + MIRRORS:  # None: the copy already in the cache
+        for url in [None] + [mirror + name for mirror in MIRRORS]:  # None: the copy already in the cache
             try:
-                if mirror is not None:
-                    print(f"downloading {mirror}{name}")
-                    with urllib.request.urlopen(mirror + name, timeout=60) as r, open(path, "wb") as f:
+                if url:
+                    print(f"downloading {url}")
+                    with urllib.request.urlopen(url, timeout=60) as r, open(path, "wb") as f:
                         shutil.copyfileobj(r, f)
                 with open(path, "rb") as f:
                     got = hashlib.md5(f.read()).hexdigest()
-            except OSError as e:  # URLError, HTTP errors, timeouts, a full disk
-                if mirror is not None:  # no copy in the cache is no error
-                    errors.append(f"{mirror}: {e}")
+            except OSError as e:  # URLError, HTTP errors, timeouts, a full disk; no cached copy is no error
+                if url:
+                    errors.append(f"{url}: {e}")
                 continue
             if got == md5:
                 break
             os.remove(path)
-            print(f"{path if mirror is None else mirror + name} has md5 {got}, not {md5} (corrupt or cut short): "
-                  f"deleted")
-            errors.append(f"{mirror or path}: md5 mismatch")
+            print(f"{url or path} has md5 {got}, not {md5} (corrupt or cut short): deleted")
+            errors.append(f"{url or path}: md5 mismatch")
         else:
             raise SystemExit(f"could not download {name} intact ({'; '.join(errors)}): put the MNIST files into "
                              f"{cache_dir} by hand, or pass --data with a folder that holds them")
@@ -180,16 +175,14 @@ def read_images(folder, part):
 
 
 def binarize(images):
-    """uint8 (N, 28, 28) grey levels -> int64 (N, 32, 32) pixels in {0, 1}: threshold 0.5 (pixel > 127) and
-    2 zero pixels on every side, as in the paper."""
+    """uint8 (N, 28, 28) -> int64 (N, 32, 32) in {0, 1}: threshold 0.5 and 2 zero pixels per side (the paper)."""
     x = torch.from_numpy((np.asarray(images) > 127).astype(np.int64))
     return F.pad(x, (2, 2, 2, 2))
 
 
 def load_mnist(cfg):
-    """(train, val, test) as int64 tensors (N, 32, 32): the images of --data, or of full MNIST downloaded
-    into the cache. Validation is a fixed random carve-out of the training images (the same for every
-    seed). The label files are downloaded with the rest but not read: the model is unconditional."""
+    """(train, val, test) int64 (N, 32, 32) from --data or the cache; validation is a carve-out of the training
+    images, the same for every seed. The labels are not read: the model is unconditional."""
     if cfg.data is None:
         download_mnist(cfg.cache_dir)
     train, test = (binarize(read_images(cfg.data or cfg.cache_dir, part)) for part in ("train", "t10k"))
@@ -207,9 +200,8 @@ EMBED = 16  # channels per pixel of the input embedding: three symbols (0, 1, [M
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with a skip; the second normalisation is scaled and shifted by the
-    conditioning vector c (adaptive group norm, the images' counterpart of adaLN), zero-initialised so that
-    a fresh block ignores c. The last conv starts at zero too: each block starts as the identity."""
+    """GroupNorm-SiLU-conv twice with a skip; c scales and shifts the second normalisation (adaptive group norm,
+    the images' adaLN). The modulation and the last conv start at zero: each block starts as the identity."""
 
     def __init__(self, c_in, c_out, cond_dim, dropout):
         super().__init__()
@@ -250,13 +242,13 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """Levels of residual blocks at halving resolutions (average pooling down, nearest-neighbour up) with
-    one skip connection per level, a middle block with attention, all modulated by c. decoder=False keeps
-    the contracting half only: the recognition network, the same family as the denoiser ("siamese")."""
+    """Embedded pixels (B, 32, 32, EMBED) folded into patch x patch cells, then residual blocks at halving
+    resolutions (average pooling down, nearest up), one skip per level and a middle block with attention, all
+    modulated by c. decoder=False keeps the contracting half: the recognition network ("siamese")."""
 
-    def __init__(self, cfg, in_channels, cond_dim, decoder=True):
+    def __init__(self, cfg, cond_dim, decoder=True):
         super().__init__()
-        chans, res = [cfg.channels * m for m in cfg.channel_mult], SIZE // cfg.patch
+        chans, res, self.patch = [cfg.channels * m for m in cfg.channel_mult], SIZE // cfg.patch, cfg.patch
 
         def level(c_in, c_out, res):
             layers = []
@@ -266,7 +258,7 @@ class UNet(nn.Module):
                     layers.append(Attention(c_out))
             return nn.ModuleList(layers)
 
-        self.stem = nn.Conv2d(in_channels, cfg.channels, 3, padding=1)
+        self.stem = nn.Conv2d(EMBED * cfg.patch ** 2, cfg.channels, 3, padding=1)
         # a learned embedding of position: convolutions alone know where they are only from the zero padding,
         # so neither a z that modulates channels could place strokes nor a pooled recognition locate them
         self.position = nn.Parameter(0.1 * torch.randn(1, cfg.channels, res, res))
@@ -284,7 +276,7 @@ class UNet(nn.Module):
         self.out_channels = c
 
     def forward(self, x, c=None):
-        h, skips = self.stem(x) + self.position, []
+        h, skips = self.stem(F.pixel_unshuffle(x.permute(0, 3, 1, 2), self.patch)) + self.position, []
         for i, layers in enumerate(self.down):
             if i:
                 h = F.avg_pool2d(h, 2)
@@ -302,11 +294,6 @@ class UNet(nn.Module):
         return h
 
 
-def to_cells(h, patch):
-    """(B, 32, 32, E) per-pixel features -> (B, E * patch^2, 32/patch, 32/patch) UNet input."""
-    return F.pixel_unshuffle(h.permute(0, 3, 1, 2), patch)
-
-
 def timestep_embedding(t, dim):
     freqs = torch.exp(-math.log(10_000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     angles = 1000 * t.float()[:, None] * freqs[None]
@@ -320,7 +307,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, cfg, latent_dim):
         super().__init__()
-        self.patch, cond_dim = cfg.patch, 4 * cfg.channels
+        cond_dim = 4 * cfg.channels
         self.embed = nn.Embedding(V + 1, EMBED)
 
         def mlp(d):
@@ -328,48 +315,41 @@ class Denoiser(nn.Module):
 
         self.latent = mlp(latent_dim) if latent_dim else None
         self.time = mlp(cfg.channels) if cfg.time_cond else None
-        has_cond = latent_dim or cfg.time_cond
-        self.unet = UNet(cfg, EMBED * self.patch ** 2, cond_dim if has_cond else 0)
+        self.unet = UNet(cfg, cond_dim if latent_dim or cfg.time_cond else 0)
         self.head = nn.Sequential(nn.GroupNorm(8, self.unet.out_channels), nn.SiLU(),
-                                  nn.Conv2d(self.unet.out_channels, V * self.patch ** 2, 3, padding=1))
+                                  nn.Conv2d(self.unet.out_channels, V * cfg.patch ** 2, 3, padding=1))
         nn.init.zeros_(self.head[-1].weight)  # uniform predictions at the start: NELBO = 1024 ln 2 (MDLM)
         nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, xt, t=None, z=None):
-        c = None
-        if self.latent is not None:
-            c = self.latent(z)
+        c = None if self.latent is None else self.latent(z)
         if self.time is not None:
             c = (0 if c is None else c) + self.time(timestep_embedding(t, self.time[0].in_features))
-        h = self.head(self.unet(to_cells(self.embed(xt), self.patch), c))
-        return F.pixel_shuffle(h, self.patch).permute(0, 2, 3, 1)  # (B, 32, 32, V)
+        h = self.head(self.unet(self.embed(xt), c))
+        return F.pixel_shuffle(h, self.unet.patch).permute(0, 2, 3, 1)  # (B, 32, 32, V)
 
 
 class Recognition(nn.Module):
-    """r_phi(z | x0, x_t) = N(mean, diag exp(logvar)): the contracting half of a UNet over (x0, mask) pairs,
-    each of the four embedded (the pair carries what (x0, x_t) does), mean-pooled. The output weights start
-    random, not zero: with r at the prior and the denoiser's modulation at zero neither network has a
-    gradient that opens the path through z, and the KL stays near 0 (seen in CPU runs)."""
+    """r_phi(z | x0, x_t) = N(mean, diag exp(logvar)): a contracting UNet over the four embedded (x0, mask) pairs
+    (which carry what (x0, x_t) does), mean-pooled. The output weights start random, not zero: with r at the
+    prior and the denoiser's modulation at zero no gradient opens the path through z (docs/mnist.md)."""
 
     def __init__(self, cfg, latent_dim):
         super().__init__()
-        self.patch = cfg.patch
         self.embed = nn.Embedding(2 * V, EMBED)
-        self.unet = UNet(cfg, EMBED * self.patch ** 2, 0, decoder=False)
+        self.unet = UNet(cfg, 0, decoder=False)
         self.norm = nn.GroupNorm(8, self.unet.out_channels)
         self.out = nn.Linear(self.unet.out_channels, 2 * latent_dim)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x0, masked):
-        h = self.unet(to_cells(self.embed(x0 + V * masked.long()), self.patch))
-        mean, logvar = self.out(F.silu(self.norm(h)).mean((2, 3))).float().chunk(2, -1)  # z's noise in float32
-        return mean, logvar
+        h = self.unet(self.embed(x0 + V * masked.long()))
+        return self.out(F.silu(self.norm(h)).mean((2, 3))).float().chunk(2, -1)  # (mean, logvar), float32
 
 
 class Model(nn.Module):
     """The denoiser and, for VADD, the recognition network: one module, so one optimizer, EMA and checkpoint.
-    denoise() is the only way anything calls the denoiser; forward() is the training loss, so DDP and
-    torch.compile wrap the whole objective."""
+    forward() is the training loss, so DDP and torch.compile wrap the whole objective."""
 
     def __init__(self, cfg, method):
         super().__init__()
@@ -463,11 +443,9 @@ def sample(model, num, T, sampler, cfg):
 
 @torch.no_grad()
 def likelihoods(model, x0, cfg):
-    """Test figures in bits per dimension, each (mean, standard error over every rank's share x0): the
-    continuous-time NELBO (MDM, a bound) or DELBO and its importance-weighted version (VADD; comparison
-    figures, not bounds), and under (sampler, T) the valid T-step bound of each sampler (docs/method.md,
-    "Which numbers are bounds"), estimated without bias from one random step per image (one network call
-    instead of T), over --eval-repeats passes."""
+    """Test figures in bpd, each (mean, standard error over every rank's share x0): the continuous-time NELBO
+    (MDM, a bound) or the DELBO and IW-DELBO (VADD, not bounds), and under (sampler, T) each sampler's valid
+    T-step bound from one random step per image (unbiased), over --eval-repeats passes (docs/method.md)."""
     device, per, vadd = torch.device(cfg.device), {}, model.recognition is not None
     chunk = min(cfg.eval_batch, common.rows_per_call(D, V))
     samplers = [s for s, (_, method, _) in SAMPLERS.items() if method == model.method]
@@ -502,16 +480,14 @@ def nearest_hamming(images, reference, chunk=1000):
     """Mean over images of the Hamming distance (pixels) to the nearest reference image: near the data's
     own figure (test vs train) for digit-like samples, far above it for pixel noise with the right density."""
     ref = torch.as_tensor(reference).flatten(1).float()
-    dists = []
-    for x in torch.as_tensor(images).flatten(1).float().split(chunk):
-        dists.append((x.sum(1, keepdim=True) + ref.sum(1) - 2 * x @ ref.T).min(1).values)
+    dists = [(x.sum(1, keepdim=True) + ref.sum(1) - 2 * x @ ref.T).min(1).values  # |x| + |ref| - 2 x.ref
+             for x in torch.as_tensor(images).flatten(1).float().split(chunk)]
     return float(torch.cat(dists).mean())
 
 
 def evaluate(model, method, cfg, test_x, train_x, rank, world):
-    """The method's likelihood entry for metrics.json (no likelihoods with --sample-only) and its by_steps
-    rows: every sampler of the method at every --steps count, drawn by rank 0 alone (cheap next to training)
-    and saved as samples_<sampler>_T<T>.npy and .png."""
+    """The method's likelihood entry for metrics.json (none with --sample-only) and its by_steps rows: each of
+    its samplers at every --steps count, drawn by rank 0 alone and saved as samples_<sampler>_T<T>.npy."""
     common.seed_everything(cfg.seed + 1 + rank)  # each rank its own draws for its share of the test set
     figures = {} if cfg.sample_only else likelihoods(model, test_x[rank::world], cfg)
     for key, (mean, se) in figures.items():
@@ -524,15 +500,12 @@ def evaluate(model, method, cfg, test_x, train_x, rank, world):
             images, nfe = sample(model, cfg.num_samples, T, sampler, cfg)
             row = {"sampler": sampler, "steps": T, "sample_seconds": time.time() - t0, "nfe": nfe,
                    "nn_hamming": nearest_hamming(images, train_x)}
-            bound = ""
             if (sampler, T) in figures:
                 row["bound"], row["bound_se"] = figures[sampler, T]
-                bound = f", valid bound {row['bound']:.4f} +- {row['bound_se']:.4f}"
+            bound = f", valid bound {row['bound']:.4f} +- {row['bound_se']:.4f}" if "bound" in row else ""
             print(f"[{sampler}] T={T}: {len(images)} samples in {row['sample_seconds']:.1f}s{bound}", flush=True)
             rows.append(row)
             np.save(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.npy"), images)
-            save_grid(os.path.join(cfg.out_dir, f"samples_{sampler}_T{T}.png"), images,
-                      f"{SAMPLERS[sampler][0]}, T = {T}")
     return common.likelihood_entry(figures, cfg.iw_samples), rows
 
 
@@ -607,11 +580,8 @@ def train(cfg, method, data, ckpt, rank, world):
 def weight_settings(cfg, method):
     """The flags that shape the trained weights: a checkpoint trained with others is refused."""
     keys = ("channels", "channel_mult", "num_res_blocks", "attn_res", "patch", "time_cond", "schedule",
-            "objective", "train_steps")
-    settings = {"method": method, **{k: getattr(cfg, k) for k in keys}}
-    if method == "vadd":
-        settings["latent_dim"] = cfg.latent_dim
-    return settings
+            "objective", "train_steps") + (("latent_dim",) if method == "vadd" else ())
+    return {"method": method, **{k: getattr(cfg, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -622,8 +592,7 @@ def main(argv=None):
     rank, world = common.setup_ddp(cfg)
     try:
         train_x, val_x, test_x = load_mnist(cfg)
-        common.print0(f"MNIST: {len(train_x)} training, {len(val_x)} validation, {len(test_x)} test images "
-                      f"of 32 x 32")
+        common.print0(f"MNIST: {len(train_x)} training, {len(val_x)} validation, {len(test_x)} test images")
         methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
         training = not (cfg.eval_only or cfg.sample_only)
         checkpoints = {m: common.read_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
@@ -668,11 +637,9 @@ def spread(images, n):
 
 def print_table(cfg, metrics):
     print("\nbinarized MNIST 32 x 32, test set, bits per dimension (paper, full MNIST: MDLM 0.075, VADD 0.063)")
-    vadd = metrics["likelihood"].get("vadd", {})
-    for method, key, label in [("mdm", "mdm_nelbo", "MDM NELBO (bound, continuous time)"),
-                               ("vadd", "delbo", "VADD DELBO (not a bound)"),
-                               ("vadd", "iw_delbo", f"VADD IW-DELBO, K = {vadd.get('iw_samples')} (not a bound)")]:
-        lik = metrics["likelihood"].get(method, {})
+    lik = {key: value for entry in metrics["likelihood"].values() for key, value in entry.items()}
+    for key, label in [("mdm_nelbo", "MDM NELBO (bound, continuous time)"), ("delbo", "VADD DELBO (not a bound)"),
+                       ("iw_delbo", f"VADD IW-DELBO, K = {lik.get('iw_samples')} (not a bound)")]:
         if key in lik:
             print(f"  {label:45s} {lik[key]:.4f} +- {lik[key + '_se']:.4f}")
     print(f"\n{'sampler':8s} {'T':>4s} {'valid T-step bound':>20s} {'NN Hamming':>11s} {'NFE':>7s} {'sec':>7s}"
@@ -681,7 +648,7 @@ def print_table(cfg, metrics):
         bound = f"{r['bound']:.4f} +- {r['bound_se']:.4f}" if "bound" in r else "-"
         print(f"{r['sampler']:8s} {r['steps']:4d} {bound:>20s} {r['nn_hamming']:11.1f} {r['nfe']:7.2f} "
               f"{r['sample_seconds']:7.2f}")
-    print(f"\nwrote {cfg.out_dir}/ (metrics.json, samples_*.npy and .png, overview.png, bounds.png, training.png) "
+    print(f"\nwrote {cfg.out_dir}/ (metrics.json, samples_*.npy, overview.png, bounds.png, training.png) "
           f"in {metrics['seconds']:.0f}s")
 
 
@@ -699,17 +666,7 @@ def tile(images, cols):
     return canvas
 
 
-def save_grid(path, images, title):
-    plt = common.pyplot()
-    cols = min(10, math.ceil(math.sqrt(len(images))))
-    fig, ax = plt.subplots(figsize=(cols * 0.6 + 0.4, math.ceil(min(len(images), cols * cols) / cols) * 0.6 + 0.5))
-    ax.imshow(tile(images[:cols * cols], cols), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=8)
-    common.savefig(fig, path)
-
-
-def plot_overview(path, cfg, data, metrics, per_cell=16):
+def plot_overview(path, cfg, data, metrics):
     """Rows: test images, then each sampler in metrics.json (read back from samples_*.npy); columns: step
     counts; each cell a 4 x 4 mosaic."""
     plt = common.pyplot()
@@ -721,10 +678,8 @@ def plot_overview(path, cfg, data, metrics, per_cell=16):
             ax, saved = axes[r, c], os.path.join(cfg.out_dir, f"samples_{row}_T{T}.npy")
             images = data if row == "data" else np.load(saved) if os.path.exists(saved) else None
             if images is not None and (row != "data" or c == 0):
-                ax.imshow(tile(images[:per_cell], 4), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
-            ax.set(xticks=[], yticks=[])
-            for side in ax.spines.values():
-                side.set_visible(row != "data" or c == 0)
+                ax.imshow(tile(images[:16], 4), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+            ax.set(xticks=[], yticks=[], frame_on=row != "data" or c == 0)
             if r == 1:
                 ax.set_title(f"T = {T}")
             if c == 0:

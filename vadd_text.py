@@ -6,8 +6,7 @@ with few steps writes tokens that do not agree with each other; VADD conditions 
 latent z, one per sequence, inferred in training by a recognition transformer and drawn from N(0, I) when
 sampling.
 
-    python vadd_text.py                     # tiny-shakespeare, MDM then VADD: a 6-layer DiT on characters
-                                            # on a GPU, the smaller cpu preset on a CPU
+    python vadd_text.py                     # tiny-shakespeare, MDM then VADD; a 6-layer DiT on a GPU
     python vadd_text.py --data my.txt --steps 1,2,4,8,128 --eval-model gpt2-large
     torchrun --nproc_per_node 8 vadd_text.py --data openwebtext --max-iters 100000 --kl-warmup 100000
 
@@ -59,8 +58,7 @@ def build_parser():
     a("--data", default="shakespeare", help="a UTF-8 text file, a folder with train.bin/val.bin/meta.json, or "
       "one of: shakespeare (tiny-shakespeare, downloaded once), openwebtext, lm1b (via `datasets`)")
     a("--tokenizer", choices=("gpt2", "char"), help="for text files: GPT-2 BPE or characters" + preset)
-    a("--steps", type=common.counts, default="5",
-      help="denoising step counts to sample and bound, comma separated (default 5)")
+    a("--steps", type=common.counts, default="5", help="step counts T to sample and bound, e.g. 1,2,4 (default 5)")
     a("--num-samples", type=whole(), default=64, help="sequences drawn per sampler and step count (default 64)")
     a("--sample-batch", type=whole(), default=32, help="sequences sampled at once (default 32)")
     a("--num-eval", type=whole(), help="validation windows for the likelihoods, the first ones of the split "
@@ -71,8 +69,7 @@ def build_parser():
       help="sum all T steps of each T-step bound (T calls) instead of the unbiased one-random-step estimate")
     a("--eval-model", help="causal LM scoring the samples' generative perplexity, a Hugging Face name (downloaded "
       "if needed) or a local folder; 'none' skips it (default gpt2-large if it is in the Hugging Face cache)")
-    a("--block-size", type=whole(2), help="tokens per sequence (default 1024 openwebtext, 128 lm1b, else from "
-      "--preset)")
+    a("--block-size", type=whole(2), help="tokens per sequence (default 1024 openwebtext, 128 lm1b, else preset)")
     a("--preset", choices=tuple(PRESETS), help="sizes and budget, the table PRESETS (default: where CUDA is, mdlm "
       "for openwebtext and lm1b and gpu for text files; else cpu)")
     for name, low, what in [("layers", 1, "denoiser blocks"), ("width", 2, "denoiser width"),
@@ -82,13 +79,10 @@ def build_parser():
     a("--dropout", type=number(0, 1), help="dropout in the blocks" + preset)
     for name, low in (("layers", 1), ("width", 2), ("heads", 1)):
         a(f"--rec-{name}", type=whole(low), help=f"recognition model {name} (default: the denoiser's)")
-    a("--time-cond", action="store_true",
-      help="condition the denoiser on t too (off: the optimal masked denoiser needs only x_t, MDLM, and the "
-           "samplers can reuse its output while a sequence does not change)")
-    a("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "vadd", "text"),
-      help="where downloads and tokenised data are kept")
-    keys = {k for values in PRESETS.values() for k in values}
-    common.add_training_flags(p, {}, keys)  # every training default comes from the preset
+    a("--time-cond", action="store_true", help="condition the denoiser on t too (off, as MDLM: the optimal "
+      "denoiser needs only x_t, and the samplers reuse its output while a sequence does not change)")
+    a("--cache-dir", default=os.path.expanduser("~/.cache/vadd/text"), help="where downloads and tokens are kept")
+    common.add_training_flags(p, {}, set().union(*PRESETS.values()))  # every training default from the preset
     return p
 
 
@@ -96,13 +90,11 @@ def parse_config(argv=None):
     """Parse the flags; a value that would fail later (a traceback, or after training) stops with one sentence."""
     p = build_parser()
     first = p.parse_args(argv)
-    named = first.preset is not None
-    if common.choose_preset(first, "a 4-layer DiT on characters, 1000 iterations of 32 x 128 tokens per "
-                                   "method") == "gpu" and not named and first.data in BLOCK_SIZE:
+    cpu_run = "a 4-layer DiT on characters, 1000 iterations of 32 x 128 tokens per method"
+    if first.preset is None and common.choose_preset(first, cpu_run) == "gpu" and first.data in BLOCK_SIZE:
         first.preset = "mdlm"  # MDLM-small for the corpora it was made for
-    preset = PRESETS[first.preset]
-    p.set_defaults(**{**preset, "preset": first.preset, "block_size": BLOCK_SIZE.get(first.data,
-                                                                                       preset["block_size"])})
+    block_size = BLOCK_SIZE.get(first.data, PRESETS[first.preset]["block_size"])
+    p.set_defaults(**{**PRESETS[first.preset], "preset": first.preset, "block_size": block_size})
     cfg = p.parse_args(argv)
     for key in ("layers", "width", "heads"):
         setattr(cfg, f"rec_{key}", getattr(cfg, f"rec_{key}") or getattr(cfg, key))
@@ -222,17 +214,13 @@ def prepare_text_file(path, folder, tokenizer):
         ids = np.array(gpt2_encoding().encode_ordinary(text), np.uint16)  # "<|endoftext|>" in text is plain text
         meta = {"vocab_size": GPT2_EOS + 1, "tokenizer": "gpt2"}
     cut = int(0.9 * len(ids))
-    meta["source"] = os.path.abspath(path)
-    write_folder(folder, {"train": [ids[:cut]], "val": [ids[cut:]]}, meta)
+    write_folder(folder, {"train": [ids[:cut]], "val": [ids[cut:]]}, {**meta, "source": os.path.abspath(path)})
 
 
 def prepare_openwebtext(folder):
     """MDLM's convention: GPT-2 tokens, every document followed by EOS (<|endoftext|>), the documents joined;
     the last 100k documents are validation. Streams in shards, so the 8M documents need not fit in memory."""
-    docs = load_hf_dataset("openwebtext")
-    docs = docs["train"] if hasattr(docs, "keys") else docs
-    if len(docs) <= OWT_HELDOUT:
-        raise SystemExit(f"openwebtext has {len(docs)} documents, not more than the {OWT_HELDOUT} held out")
+    docs = load_hf_dataset("openwebtext")["train"]
     enc, cut = gpt2_encoding(), len(docs) - OWT_HELDOUT
 
     def tokens(lo, hi, shard=4096):
@@ -245,9 +233,8 @@ def prepare_openwebtext(folder):
 
 
 def prepare_lm1b(folder):
-    """MDLM's wrapped LM1B (lm1b-wrap, as in MDLM's and DUO's code): bert-base-uncased tokens, each sentence
-    as [CLS] ... [SEP], the sentences joined and cut into windows of 128; validation = the test split.
-    MDLM's detokeniser is skipped: BERT's tokeniser splits punctuation, so the ids come out the same."""
+    """MDLM's lm1b-wrap: bert-base-uncased tokens, each sentence as [CLS] ... [SEP], joined; validation = the test
+    split. MDLM's detokeniser is skipped: BERT's tokeniser splits punctuation, so the ids come out the same."""
     splits, tok = load_hf_dataset("lm1b"), hf_tokenizer("bert-base-uncased")
 
     def tokens(split, shard=4096):
@@ -259,8 +246,8 @@ def prepare_lm1b(folder):
 
 
 def load_data(cfg, rank):
-    """Prepare --data once (rank 0; the others wait), then map train.bin and val.bin. Returns
-    (train, val, meta) with train/val read-only uint16 arrays."""
+    """Prepare --data once (rank 0; the others wait), then map train.bin and val.bin: (train, val, meta), the
+    splits as read-only uint16 arrays."""
     folder = prepared_folder(cfg)
     if rank == 0 and not os.path.exists(folder):
         if cfg.data in ("openwebtext", "lm1b"):
@@ -278,29 +265,23 @@ def load_data(cfg, rank):
     try:
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
-    except ValueError as e:
-        raise SystemExit(f"{folder}/meta.json is not valid JSON ({e}): fix or re-create it") from None
+    except ValueError:
+        meta = None
     V = meta.get("vocab_size") if isinstance(meta, dict) else None
-    if not isinstance(V, int) or not 1 <= V <= 65536:
-        raise SystemExit(f"{folder}/meta.json: vocab_size must be a whole number from 1 to 65536 (uint16 ids), "
-                         f"got {V!r}")
-    if meta.get("tokenizer") == "char" and len(meta.get("alphabet", "")) != V:
-        raise SystemExit(f"{folder}/meta.json: a char tokenizer needs an alphabet of vocab_size = {V} characters "
-                         f"to decode samples, got {len(meta.get('alphabet', ''))}")
+    if (not isinstance(V, int) or not 1 <= V <= 65536
+            or (meta.get("tokenizer") == "char" and len(meta.get("alphabet", "")) != V)):
+        raise SystemExit(f"{folder}/meta.json must be JSON with a vocab_size from 1 to 65536 (uint16 ids) and, "
+                         f"for a char tokenizer, an alphabet of vocab_size characters to decode the samples")
     splits = []
     for split in ("train", "val"):
         path = os.path.join(folder, f"{split}.bin")
-        if os.path.getsize(path) % 2:
-            raise SystemExit(f"{path} has an odd number of bytes: it is not uint16 token ids")
         ids = np.memmap(path, dtype=np.uint16, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint16)
-        if folder == cfg.data:  # a folder we did not write: check every id once
-            top = max((int(ids[i:i + 2**24].max()) for i in range(0, len(ids), 2**24)), default=-1)
-            if top >= V:
-                raise SystemExit(f"{path} holds token id {top}, not below vocab_size {V} of meta.json: fix the "
-                                 f"ids or the vocab_size")
         if len(ids) < cfg.block_size:
             raise SystemExit(f"--block-size {cfg.block_size} is larger than the {split} split of {cfg.data} "
                              f"({len(ids)} tokens): choose a smaller --block-size or give more text")
+        if folder == cfg.data and ids.max() >= V:  # a folder we did not write: every id is checked
+            raise SystemExit(f"{path} holds token id {ids.max()}, not below vocab_size {V} of meta.json: fix the "
+                             f"ids or the vocab_size")
         splits.append(ids)
     return splits[0], splits[1], meta
 
@@ -320,9 +301,8 @@ def decoder(meta):
 
 
 def window_offsets(rng, n_tokens, cfg, rank, world):
-    """This rank's windows of the iteration, as (grad_accum, micro-batch) offsets: the global batch is drawn
-    from one stream shared by every rank and each rank takes its slice [rank::world], so the global batch is
-    the same for any number of processes."""
+    """This rank's windows of the iteration, (grad_accum, micro-batch) offsets: its slice [rank::world] of a
+    global batch drawn from one stream shared by every rank, so the same for any number of processes."""
     offsets = rng.integers(0, n_tokens - cfg.block_size + 1, size=cfg.batch_size)
     return offsets[rank::world].reshape(cfg.grad_accum, -1)
 
@@ -332,9 +312,9 @@ def get_batch(ids, offsets, block_size, device):
     return torch.from_numpy(x0).to(device, non_blocking=True)
 
 
-def eval_windows(val, cfg, rank, world):
-    """The first --num-eval consecutive blocks of the validation split (cycled if fewer), this rank's share."""
-    blocks = np.arange(cfg.num_eval) % (len(val) // cfg.block_size)
+def eval_windows(val, cfg, rank, world, num=None):
+    """This rank's share of the first `num` (default --num-eval) validation blocks, cycled if there are fewer."""
+    blocks = np.arange(num or cfg.num_eval) % (len(val) // cfg.block_size)
     return get_batch(val, blocks[rank::world] * cfg.block_size, cfg.block_size, "cpu")
 
 
@@ -348,9 +328,8 @@ def zero_init(linear):
 
 
 class Block(nn.Module):
-    """DiT block with adaLN-zero: the conditioning c (one vector per sequence, or per position) sets the shift
-    and scale of both LayerNorms and the gates of both residual branches; zero-initialised, so a fresh block is
-    the identity. Bidirectional attention with rotary positions."""
+    """DiT block with adaLN-zero: c (per sequence, or per position) sets both LayerNorms' shift and scale and
+    both residual gates, zero at first (a fresh block is the identity); bidirectional attention, rotary."""
 
     def __init__(self, width, heads, cond_dim, dropout):
         super().__init__()
@@ -415,10 +394,9 @@ class TimeEmbedding(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """mu_theta(x0 | x_t, z): logits over the V real tokens at every position. [M] = id V has an embedding but
-    no output row, and the output is padded to a multiple of 64 rows (faster matmuls) and cut back to V, so
-    neither [M] nor a padding row can be predicted. The conditioning vector that drives every adaLN is a learned
-    constant (MDLM without time conditioning), plus an embedding of t with --time-cond, plus MLP(z) for VADD.
+    """mu_theta(x0 | x_t, z): logits over the V real tokens at every position; [M] = id V has an embedding but no
+    output row (the output is padded to a multiple of 64 rows for faster matmuls, then cut back to V). Every adaLN
+    is driven by a learned constant (MDLM without t), + an embedding of t with --time-cond, + MLP(z) for VADD.
     The output layer and its adaLN start at zero: a fresh denoiser predicts the uniform distribution."""
 
     def __init__(self, V, cfg, latent_dim):
@@ -459,14 +437,12 @@ class Recognition(nn.Module):
     def forward(self, x0, masked):
         c = F.silu(masked.unsqueeze(-1).float() * self.mask_vector)
         h = self.norm(self.transformer(x0, c)).mean(1)
-        mean, logvar = self.head(h).float().chunk(2, -1)
-        return mean, logvar
+        return self.head(h).float().chunk(2, -1)  # mean, logvar
 
 
 class Model(nn.Module):
-    """The denoiser and, for VADD, the recognition model: one module, so one optimizer, EMA, checkpoint, and
-    one forward (the training loss) for DDP and torch.compile. denoise() is the only way anything calls the
-    denoiser. Tokens 0..V-1 are real, V is [M]."""
+    """The denoiser and, for VADD, the recognition model: one module, so one optimizer, EMA, checkpoint, and one
+    forward (the training loss) for DDP and torch.compile. Everything calls the denoiser through denoise()."""
 
     def __init__(self, cfg, method, vocab_size):
         super().__init__()
@@ -488,8 +464,7 @@ class Model(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Objective: the paper's DELBO (docs/method.md; MDM's NELBO is the same without z). --objective steps trains
-# the valid bound of the K-step sampler instead, common.steps_loss
+# Objective: the paper's DELBO (docs/method.md; without z, MDM's NELBO); --objective steps: Model.forward
 
 def delbo(model, x0, kl_weight):
     """Per sequence: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
@@ -564,10 +539,9 @@ def sample(model, num, T, sampler, cfg):
 
 @torch.no_grad()
 def likelihoods(model, x0, cfg):
-    """Validation figures in nats per token, each (mean, standard error) over all ranks: the continuous-time
-    NELBO (MDM, a bound) or the DELBO and its importance-weighted version (VADD; comparison figures, not
-    bounds), the KL of r to the prior (nats per sequence), and under (sampler, T) the valid T-step bound of
-    every sampler of the method at every step count."""
+    """Validation figures per token, each (mean, standard error) over all ranks: the NELBO (MDM, a bound) or the
+    DELBO, IW-DELBO (VADD, not bounds) and KL (per sequence), and under (sampler, T) each sampler's valid
+    T-step bound at every --steps T."""
     device, L, V, rec = torch.device(cfg.device), cfg.block_size, model.mask_id, model.recognition
     values = {}
     for x in x0.split(min(cfg.eval_batch, common.rows_per_call(L, V))):
@@ -595,9 +569,8 @@ def unigram_entropy(tokens):
 
 
 def load_scorer(cfg):
-    """The causal LM of --eval-model, loaded before training. Asked for by name it must load (downloaded if
-    needed); the default, GPT-2 Large, is used only if it is already in the Hugging Face cache: no run
-    downloads 3.2 GB that nobody asked for."""
+    """The causal LM of --eval-model: asked for by name it must load (downloaded if needed); the default, GPT-2
+    Large, is used only if it is already in the Hugging Face cache (no run downloads 3.2 GB nobody asked for)."""
     name, cached_only = cfg.eval_model or "gpt2-large", cfg.eval_model is None
     if name.lower() == "none":
         return None
@@ -618,9 +591,8 @@ def load_scorer(cfg):
 
 @torch.no_grad()
 def generative_perplexity(texts, scorer, device):
-    """exp(corpus-mean NLL per scorer token) of the decoded samples, retokenised by the scorer. Each text starts
-    with the scorer's BOS (or EOS) so its first token is scored too; our GPT-2 EOS becomes the scorer's EOS and
-    other special tokens were dropped when decoding; texts longer than the scorer's context go in windows."""
+    """exp(corpus-mean NLL per scorer token) of the texts, retokenised by the scorer: each from its BOS (or EOS),
+    so the first token is scored too; our GPT-2 EOS becomes the scorer's; texts past its context go in windows."""
     tok, lm = scorer
     start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     context = getattr(lm.config, "n_positions", None) or getattr(lm.config, "max_position_embeddings", 1024)
@@ -630,16 +602,14 @@ def generative_perplexity(texts, scorer, device):
         ids = [start] + tok(text, add_special_tokens=False)["input_ids"]
         for i in range(0, len(ids) - 1, context - 1):
             window = torch.tensor([ids[i:i + context]], device=device)
-            logits = lm(window).logits.float()
-            nll += F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
+            nll += F.cross_entropy(lm(window).logits[0, :-1].float(), window[0, 1:], reduction="sum").item()
             count += window.shape[1] - 1
     return math.exp(nll / max(count, 1))
 
 
 def evaluate(model, method, x0, decode, scorer, cfg, rank):
-    """The validation likelihoods (every rank its share of the windows x0), then on rank 0 every sampler of
-    `method` at every --steps T: samples_<sampler>_T<T>.npy and .txt, with their valid bound, unigram entropy
-    and generative perplexity; each figure printed once done. Returns (likelihood entry, by_steps rows)."""
+    """The likelihoods (each rank its share of the windows x0), then on rank 0 every sampler of `method` at every
+    --steps T into samples_<sampler>_T<T>.npy/.txt. Returns (likelihood entry, by_steps rows)."""
     common.seed_everything(cfg.seed + 1 + rank)
     figures = {} if cfg.sample_only else likelihoods(model, x0, cfg)
     entry = common.likelihood_entry(figures, cfg.iw_samples)
@@ -692,12 +662,6 @@ def flops_per_token(model, L):
     return 6 * weights + 12 * widths * L
 
 
-def peak_flops(device):
-    """One GPU's dense bf16 peak, where its name is in PEAK_BF16_TFLOPS (else None: no MFU)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in name), None)
-
-
 def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
     """Train one method (from `ckpt` if given): (the model with its EMA weights, its history, its summary)."""
     device = torch.device(cfg.device)
@@ -715,8 +679,9 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
     ddp = nn.parallel.DistributedDataParallel(model, device_ids) if world > 1 else model
     step = torch.compile(ddp) if cfg.compile else ddp
     evaluator = copy.deepcopy(model).eval()  # holds the EMA weights for validation
-    params, peak = sum(p.numel() for p in model.parameters()), peak_flops(device)
-    flops = flops_per_token(model, cfg.block_size)
+    params, flops = sum(p.numel() for p in model.parameters()), flops_per_token(model, cfg.block_size)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in name), None)  # one GPU's; None: no MFU
     common.print0(f"[{method}] {params / 1e6:.2f}M parameters, iterations {start} to {cfg.max_iters} of "
                   f"{cfg.batch_size} x {cfg.block_size} tokens on {world} process(es)")
     meter = common.Meter(method, start, cfg.max_iters, cfg.batch_size * cfg.block_size, "tokens/s")
@@ -728,7 +693,6 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
         figures = torch.zeros(2, device=device)  # (loss, KL), the mean over the micro-steps
         for m in range(cfg.grad_accum):
             x0 = get_batch(train_ids, offsets[m], cfg.block_size, device)
-            # DDP all-reduces the gradients on the last micro-step only
             with ddp.no_sync() if world > 1 and m < cfg.grad_accum - 1 else contextlib.nullcontext():
                 with common.autocast(device, cfg.dtype):
                     loss, kl = step(x0, torch.tensor(lam))  # lambda as a tensor: one compiled graph for all
@@ -769,12 +733,10 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
 
 
 def weight_settings(cfg, method):
-    """The flags that shape the trained weights: a checkpoint trained with others is refused. MDM has no z
-    and no recognition model to compare."""
+    """The flags that shape the trained weights: a checkpoint trained with others is refused."""
     keys = ("data", "tokenizer", "vocab_size", "block_size", "layers", "width", "heads", "cond_dim", "time_cond",
             "schedule", "objective", "train_steps")
-    if method == "vadd":
-        keys += ("latent_dim", "rec_layers", "rec_width", "rec_heads")
+    keys += ("latent_dim", "rec_layers", "rec_width", "rec_heads") if method == "vadd" else ()
     return {"method": method, **{k: getattr(cfg, k) for k in keys}}
 
 
@@ -795,8 +757,7 @@ def main(argv=None):
         scorer = load_scorer(cfg) if rank == 0 else None  # before training: a scorer asked for must load
         decode, run_start = decoder(meta), time.time()
         val_x0 = eval_windows(val_ids, cfg, rank, world)
-        blocks = np.arange(cfg.num_samples) % (len(val_ids) // cfg.block_size)  # validation text, as a reference
-        reference = get_batch(val_ids, blocks * cfg.block_size, cfg.block_size, "cpu").numpy()
+        reference = eval_windows(val_ids, cfg, 0, 1, cfg.num_samples).numpy()  # validation text, as a reference
         data = {"entropy": unigram_entropy(reference)}
         if scorer is not None:
             data["gen_ppl"] = generative_perplexity([decode(r) for r in reference], scorer, cfg.device)
