@@ -403,6 +403,14 @@ def finish_config(cfg, parser):
     cfg.dtype = cfg.dtype or ("bfloat16" if cuda else "float32")
     cfg.compile = cuda if cfg.compile is None else cfg.compile
     cfg.kl_warmup = cfg.max_iters // 2 if cfg.kl_warmup is None else cfg.kl_warmup
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    if cfg.batch_size % (world * getattr(cfg, "grad_accum", 1)):
+        parser.error(f"--batch-size {cfg.batch_size} must split evenly over {world} process(es) x --grad-accum "
+                     f"{cfg.grad_accum} micro-batches")
+    for key in ("num_eval", "val_images"):  # a process without examples would fail or skip a collective
+        if 0 < getattr(cfg, key, world) < world:
+            parser.error(f"--{key.replace('_', '-')} {getattr(cfg, key)} is fewer than the {world} processes: "
+                         f"give each process at least one")
     return cfg
 
 
@@ -415,8 +423,25 @@ def lr_at(it, cfg):
 # ----------------------------------------------------------------------------------------------------------
 # Processes (torchrun's DDP) and statistics over all of them
 
+@contextlib.contextmanager
+def distributed(cfg):
+    """(rank, world size) for the body of a run. torchrun sets RANK and WORLD_SIZE: NCCL with one GPU per
+    process, gloo on CPUs. A body that ends well waits for every rank before the group is destroyed; one that
+    fails destroys it at once and re-raises, so the failing rank exits with its message and torchrun stops the
+    others (a barrier there would wait for ranks that never come)."""
+    rank_world = setup_ddp(cfg)
+    try:
+        yield rank_world
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def setup_ddp(cfg):
-    """(rank, world size). torchrun sets RANK and WORLD_SIZE: NCCL with one GPU per process, gloo on CPUs."""
     if "RANK" not in os.environ:
         return 0, 1
     if cfg.device.startswith("cuda"):
@@ -426,12 +451,6 @@ def setup_ddp(cfg):
     backend = "nccl" if cfg.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=1))
     return dist.get_rank(), dist.get_world_size()
-
-
-def teardown_ddp():
-    if dist.is_initialized():
-        dist.barrier()  # no rank leaves while another still has a collective in flight
-        dist.destroy_process_group()
 
 
 def sum_over_ranks(sums):
@@ -490,9 +509,11 @@ def training_state(model, opt, ema, it, settings, history, rng, device):
             "config": settings, "history": history, "rng": rng.bit_generator.state, "torch_rng": states}
 
 
-def resume(ckpt, model, opt, ema, rng, device, rank, world, seed):
-    """Load a training_state; each rank's generators continue exactly (on another number of processes they
-    are reseeded). Returns (iteration, history)."""
+def resume(path, model, opt, ema, rng, device, rank, world, seed):
+    """Load the training_state at `path`; each rank's generators continue exactly (on another number of
+    processes they are reseeded from the iteration, so no draw of an earlier iteration repeats). Returns
+    (iteration, history); the checkpoint is dropped on return."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     ema.load_state_dict(ckpt["ema"])
@@ -502,14 +523,22 @@ def resume(ckpt, model, opt, ema, rng, device, rank, world, seed):
         if device.type == "cuda" and ckpt["torch_rng"][rank][1] is not None:
             torch.cuda.set_rng_state(ckpt["torch_rng"][rank][1], device)
     else:
-        torch.manual_seed(seed + rank)
+        torch.manual_seed(seed + rank + world * ckpt["iter"])
     return ckpt["iter"], ckpt["history"]
 
 
-def read_checkpoint(cfg, method, settings, train):
-    """The checkpoint of `method` in --out-dir to continue from (--resume) or to evaluate (train False), else
-    None. A run of a method this run trains is continued only with --resume, never replaced (nothing is
-    deleted); one missing where needed, unreadable, or trained with other `settings` stops with one sentence."""
+def load_weights(path, model):
+    """Put a checkpoint's EMA weights into `model` (for --eval-only, --sample-only); returns its history."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["ema"]["params"])
+    return ckpt["history"]
+
+
+def check_checkpoint(cfg, method, settings, train):
+    """The path of `method`'s checkpoint in --out-dir to continue from (--resume) or to evaluate (train False),
+    else None; checked on every rank before any training, and read in full only when its method starts. A run
+    of a method this run trains is continued only with --resume, never replaced (nothing is deleted); one
+    missing where needed, unreadable, or trained with other `settings` stops with one sentence."""
     path = os.path.join(cfg.out_dir, f"ckpt_{method}.pt")
     if not os.path.exists(path):
         if not train:
@@ -522,15 +551,14 @@ def read_checkpoint(cfg, method, settings, train):
         raise SystemExit(f"{cfg.out_dir} already holds a {method} run ({path}): pass --resume to continue it, or "
                          f"remove the folder or choose another --out-dir to start afresh")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config") or {}
     except Exception as e:
         raise SystemExit(f"cannot read {path} ({e.__class__.__name__}): delete it or choose another --out-dir")
-    saved = ckpt.get("config") or {}
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in settings.items()
               if saved.get(k) != v]
     if differ:
         raise SystemExit(f"{path} was trained with {', '.join(differ)}: pass the same flags, or another --out-dir")
-    return ckpt
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------

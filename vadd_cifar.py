@@ -92,10 +92,6 @@ def parse_config(argv=None):
     preset = common.choose_preset(p.parse_args(argv), "a small UNet, 1000 iterations of 32 images (minutes)")
     p.set_defaults(**PRESETS[preset], preset=preset)
     cfg = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % (world * cfg.grad_accum):
-        p.error(f"--batch-size {cfg.batch_size} must split evenly over {world} process(es) x --grad-accum "
-                f"{cfg.grad_accum} micro-batches")
     if len(cfg.channel_mult) > 4:
         p.error(f"--channel-mult {cfg.channel_mult}: give 1 to 4 multipliers (32 x 32 down to 4 x 4 pixels)")
     return common.finish_config(cfg, p)
@@ -598,11 +594,10 @@ def weight_settings(cfg, method):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    rank, world = common.setup_ddp(cfg)
-    try:
+    with common.distributed(cfg) as (rank, world):
         methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
         training = not (cfg.eval_only or cfg.sample_only)
-        checkpoints = {m: common.read_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
+        checkpoints = {m: common.check_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
         fid = fid_metric(cfg) if cfg.fid and rank == 0 else None  # rank 0 scores the samples
         if rank > 0:
             dist.barrier()  # rank 0 downloads into the cache and makes --out-dir first, the others then read
@@ -621,8 +616,8 @@ def main(argv=None):
                 model, histories[method], metrics["training"][method] = train(cfg, method, data,
                                                                               checkpoints[method], rank, world)
             else:  # the checkpoint's EMA weights
-                model, histories[method] = Model(cfg, method).to(cfg.device), checkpoints[method]["history"]
-                model.load_state_dict(checkpoints[method]["ema"]["params"])
+                model = Model(cfg, method).to(cfg.device)
+                histories[method] = common.load_weights(checkpoints[method], model)
             metrics["config"][method] = dict(vars(cfg))
             metrics["likelihood"][method], rows = evaluate(model.eval(), method, cfg, data, fid, rank, world)
             metrics["by_steps"] += rows
@@ -638,8 +633,6 @@ def main(argv=None):
                              "at lambda), bits per dim", "VADD: KL(r || p), nats per image")
         print_table(cfg, metrics)
         return metrics
-    finally:
-        common.teardown_ddp()
 
 
 def data_name(cfg):

@@ -107,10 +107,6 @@ def parse_config(argv=None):
     levels = [SIZE // cfg.patch // 2 ** i for i in range(len(cfg.channel_mult))]
     if not set(cfg.attn_res) <= set(levels):
         p.error(f"--attn-res {cfg.attn_res}: the UNet's resolutions are {levels}; pick some of them or ''")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % (world * cfg.grad_accum):
-        p.error(f"--batch-size {cfg.batch_size} must split evenly over {world} process(es) x --grad-accum "
-                f"{cfg.grad_accum} micro-batches")
     return common.finish_config(cfg, p)
 
 
@@ -183,8 +179,6 @@ def binarize(images):
 def load_mnist(cfg):
     """(train, val, test) int64 (N, 32, 32) from --data or the cache; validation is a carve-out of the training
     images, the same for every seed. The labels are not read: the model is unconditional."""
-    if cfg.data is None:
-        download_mnist(cfg.cache_dir)
     train, test = (binarize(read_images(cfg.data or cfg.cache_dir, part)) for part in ("train", "t10k"))
     if cfg.val_images >= len(train):
         raise SystemExit(f"--val-images {cfg.val_images} leaves no training images of the {len(train)}: lower it")
@@ -463,7 +457,9 @@ def likelihoods(model, x0, cfg):
                                                                 model.recognition, sampler, exact=False)
             for key, nats in figures.items():
                 per.setdefault(key, []).append(bpd(nats.float().cpu()))
-    return {key: common.mean_se(values, device) for key, values in per.items()}
+    # the passes' estimates of one image are averaged first: the standard error is over distinct images
+    per = {key: torch.cat(v).view(cfg.eval_repeats, -1).mean(0) for key, v in per.items()}
+    return {key: common.mean_se(v, device) for key, v in per.items()}
 
 
 @torch.no_grad()
@@ -589,13 +585,14 @@ def weight_settings(cfg, method):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    rank, world = common.setup_ddp(cfg)
-    try:
+    if cfg.data is None and int(os.environ.get("RANK", 0)) == 0:
+        download_mnist(cfg.cache_dir)  # before the process group: the others wait for rank 0 to join it
+    with common.distributed(cfg) as (rank, world):
         train_x, val_x, test_x = load_mnist(cfg)
         common.print0(f"MNIST: {len(train_x)} training, {len(val_x)} validation, {len(test_x)} test images")
         methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
         training = not (cfg.eval_only or cfg.sample_only)
-        checkpoints = {m: common.read_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
+        checkpoints = {m: common.check_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
         if rank == 0:
             common.make_out_dir(cfg)
         run_start, histories = time.time(), {}
@@ -606,8 +603,8 @@ def main(argv=None):
                 model, histories[method], metrics["training"][method] = train(
                     cfg, method, (train_x, val_x), checkpoints[method], rank, world)
             else:  # the EMA weights of the checkpoint
-                model, histories[method] = Model(cfg, method).to(cfg.device), checkpoints[method]["history"]
-                model.load_state_dict(checkpoints[method]["ema"]["params"])
+                model = Model(cfg, method).to(cfg.device)
+                histories[method] = common.load_weights(checkpoints[method], model)
             metrics["config"][method] = dict(vars(cfg))
             metrics["likelihood"][method], rows = evaluate(model.eval(), method, cfg, test_x, train_x, rank, world)
             metrics["by_steps"] += rows
@@ -626,8 +623,6 @@ def main(argv=None):
                              "at lambda), bits per dim", "VADD: KL(r || p), nats per image")
         print_table(cfg, metrics)
         return metrics
-    finally:
-        common.teardown_ddp()
 
 
 def spread(images, n):

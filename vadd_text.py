@@ -8,6 +8,7 @@ sampling.
 
     python vadd_text.py                     # tiny-shakespeare, MDM then VADD; a 6-layer DiT on a GPU
     python vadd_text.py --data my.txt --steps 1,2,4,8,128 --eval-model gpt2-large
+    python vadd_text.py --data openwebtext --prepare    # once: download and tokenise (docs/text.md)
     torchrun --nproc_per_node 8 vadd_text.py --data openwebtext --max-iters 100000 --kl-warmup 100000
 
 Read top to bottom: configuration, data, networks, objective, samplers, evaluation, training, main.
@@ -15,6 +16,7 @@ The method: docs/method.md; what all scripts share (schedule, reverse step, boun
 """
 import contextlib
 import copy
+import glob
 import hashlib
 import importlib
 import json
@@ -26,7 +28,6 @@ import urllib.request
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -56,13 +57,15 @@ def build_parser():
     p = common.parser(__doc__)
     a, whole, number, preset = p.add_argument, common.whole, common.number, " (default from --preset)"
     a("--data", default="shakespeare", help="a UTF-8 text file, a folder with train.bin/val.bin/meta.json, or "
-      "one of: shakespeare (tiny-shakespeare, downloaded once), openwebtext, lm1b (via `datasets`)")
+      "one of: shakespeare (tiny-shakespeare, downloaded once), openwebtext, lm1b (first --prepare them)")
+    a("--prepare", action="store_true", help="download and tokenise --data into --cache-dir, then stop: needed "
+      "once for openwebtext and lm1b (on one process, every core), done by the first run for text files")
     a("--tokenizer", choices=("gpt2", "char"), help="for text files: GPT-2 BPE or characters" + preset)
     a("--steps", type=common.counts, default="5", help="step counts T to sample and bound, e.g. 1,2,4 (default 5)")
     a("--num-samples", type=whole(), default=64, help="sequences drawn per sampler and step count (default 64)")
     a("--sample-batch", type=whole(), default=32, help="sequences sampled at once (default 32)")
     a("--num-eval", type=whole(), help="validation windows for the likelihoods, the first ones of the split "
-      "(cycled if it has fewer)" + preset)
+      "(all of them if it has fewer)" + preset)
     a("--eval-batch", type=whole(), default=32, help="windows per evaluation call (default 32)")
     a("--iw-samples", type=whole(), help="draws of z for the importance-weighted DELBO" + preset)
     a("--exact-bounds", action="store_true",
@@ -102,12 +105,6 @@ def parse_config(argv=None):
         if width % heads or (width // heads) % 2:
             p.error(f"--{prefix}width {width} must split into --{prefix}heads {heads} heads of even size (rotary "
                     f"positions rotate pairs)")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % (world * cfg.grad_accum):
-        p.error(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum = "
-                f"{world * cfg.grad_accum}")
-    if cfg.num_eval < world:  # a rank without windows would leave the others waiting
-        p.error(f"--num-eval {cfg.num_eval} must be at least the number of processes, {world}")
     name = os.path.splitext(os.path.basename(os.path.normpath(cfg.data)))[0]
     cfg.out_dir = cfg.out_dir or os.path.join("out", "text", name)
     return common.finish_config(cfg, p)
@@ -125,7 +122,15 @@ def need(package):
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_BYTES = 1_115_394  # no checksum is published: the size is the check
-HUB_NAMES = {"openwebtext": "Skylion007/openwebtext", "lm1b": "billion-word-benchmark/lm1b"}
+SOURCES = {  # parquet copies on the Hugging Face hub (`datasets` 4 runs no loading scripts): repository, pinned
+    # revision, files and rows of each split. Not refs/convert/parquet for OpenWebText: past 5 GB that converter
+    # keeps only part of the train split. The row order was not checked against the loading scripts' (docs/text.md)
+    "openwebtext": ("Skylion007/openwebtext", "refs/pr/18", {"train": "data/train-*.parquet"},
+                    {"train": 8_013_769}),
+    "lm1b": ("billion-word-benchmark/lm1b", "refs/convert/parquet",
+             {"train": "plain_text/train/*.parquet", "test": "plain_text/test/*.parquet"},
+             {"train": 30_301_028, "test": 306_688}),
+}
 OWT_HELDOUT = 100_000  # MDLM holds out the last 100k OpenWebText documents for validation
 GPT2_EOS = 50256
 
@@ -139,13 +144,9 @@ def hf_tokenizer(name):
     return need("transformers").AutoTokenizer.from_pretrained(name)
 
 
-def load_hf_dataset(name):
-    return need("datasets").load_dataset(HUB_NAMES[name])
-
-
 def prepared_folder(cfg):
     """Where --data's tokens are cached: text files by content hash, so an edited file is tokenised again."""
-    if cfg.data in ("openwebtext", "lm1b"):
+    if cfg.data in SOURCES:
         return os.path.join(cfg.cache_dir, cfg.data)
     if os.path.isdir(cfg.data):
         return cfg.data
@@ -158,6 +159,25 @@ def prepared_folder(cfg):
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     stem = os.path.splitext(os.path.basename(cfg.data))[0]
     return os.path.join(cfg.cache_dir, f"{stem}-{cfg.tokenizer}-{digest}")
+
+
+def prepare_data(cfg):
+    """--data's prepared folder, made first if needed, before any process group exists: rank 0 prepares a text
+    file while the others wait for it to join; openwebtext and lm1b are prepared by --prepare alone (once, in
+    parallel over the cores), and a run without them stops on every rank with that command."""
+    folder = prepared_folder(cfg)
+    if os.path.exists(folder) or int(os.environ.get("RANK", 0)) > 0 and cfg.data not in SOURCES:
+        return folder
+    if cfg.data in SOURCES:
+        if not cfg.prepare:
+            raise SystemExit(f"--data {cfg.data} is not prepared in {folder}: run `python vadd_text.py --data "
+                             f"{cfg.data} --prepare` first (once, one process; it downloads and tokenises it)")
+        if int(os.environ.get("RANK", 0)) == 0:
+            prepare_hub(cfg.data, folder, cfg.cache_dir)
+    else:
+        path = download_shakespeare(cfg.cache_dir) if cfg.data == "shakespeare" else cfg.data
+        prepare_text_file(path, folder, cfg.tokenizer)
+    return folder
 
 
 def download_shakespeare(cache_dir):
@@ -181,19 +201,20 @@ def download_shakespeare(cache_dir):
 
 
 def write_folder(folder, splits, meta):
-    """Write train.bin / val.bin / meta.json into a temporary folder, then rename: never a half-written cache."""
+    """Write train.bin / val.bin / meta.json into a temporary folder, renamed when complete: never a half-written
+    cache, and an interrupted preparation leaves nothing behind."""
     tmp = f"{folder}.tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
-    for split, chunks in splits.items():
-        with open(os.path.join(tmp, f"{split}.bin"), "wb") as f:
-            for ids in chunks:  # an iterable of id arrays, so corpora larger than memory stream through
-                f.write(np.asarray(ids, dtype=np.uint16).tobytes())
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f)
     try:
+        for split, chunks in splits.items():
+            with open(os.path.join(tmp, f"{split}.bin"), "wb") as f:
+                for ids in chunks:  # an iterable of id arrays, so corpora larger than memory stream through
+                    f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f)
         os.replace(tmp, folder)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else the partial folder
 
 
 def prepare_text_file(path, folder, tokenizer):
@@ -217,47 +238,68 @@ def prepare_text_file(path, folder, tokenizer):
     write_folder(folder, {"train": [ids[:cut]], "val": [ids[cut:]]}, {**meta, "source": os.path.abspath(path)})
 
 
-def prepare_openwebtext(folder):
-    """MDLM's convention: GPT-2 tokens, every document followed by EOS (<|endoftext|>), the documents joined;
-    the last 100k documents are validation. Streams in shards, so the 8M documents need not fit in memory."""
-    docs = load_hf_dataset("openwebtext")["train"]
-    enc, cut = gpt2_encoding(), len(docs) - OWT_HELDOUT
-
-    def tokens(lo, hi, shard=4096):
-        for i in range(lo, hi, shard):
-            for ids in enc.encode_ordinary_batch(docs[i:min(hi, i + shard)]["text"]):
-                yield ids + [GPT2_EOS]
-
-    write_folder(folder, {"train": tokens(0, cut), "val": tokens(cut, len(docs))},
-                 {"vocab_size": GPT2_EOS + 1, "tokenizer": "gpt2", "source": "openwebtext"})
+def download_parquet(name, folder):
+    """SOURCES[name]'s parquet files, downloaded once into `folder`: {split: paths in order}."""
+    repo, revision, patterns, _ = SOURCES[name]
+    need("huggingface_hub").snapshot_download(repo, repo_type="dataset", revision=revision,
+                                              allow_patterns=list(patterns.values()), local_dir=folder)
+    return {split: sorted(glob.glob(os.path.join(folder, pattern))) for split, pattern in patterns.items()}
 
 
-def prepare_lm1b(folder):
-    """MDLM's lm1b-wrap: bert-base-uncased tokens, each sentence as [CLS] ... [SEP], joined; validation = the test
-    split. MDLM's detokeniser is skipped: BERT's tokeniser splits punctuation, so the ids come out the same."""
-    splits, tok = load_hf_dataset("lm1b"), hf_tokenizer("bert-base-uncased")
+def prepare_hub(name, folder, cache_dir):
+    """OpenWebText or LM1B as MDLM prepares them. openwebtext: GPT-2 tokens, each document followed by EOS
+    (<|endoftext|>), the documents joined, the last 100k held out. lm1b (MDLM's lm1b-wrap): bert-base-uncased
+    tokens, each sentence as [CLS] ... [SEP], joined; validation is the test split (MDLM's detokeniser is skipped:
+    BERT's tokeniser splits punctuation, so the ids come out the same). Tokenised batch by batch on every core."""
+    pq, repo = need("pyarrow.parquet"), SOURCES[name][0]
+    files = download_parquet(name, os.path.join(cache_dir, f"{name}-parquet"))
+    rows = {split: [pq.ParquetFile(f).metadata.num_rows for f in paths] for split, paths in files.items()}
+    n = {split: sum(counts) for split, counts in rows.items()}
+    for split, expected in SOURCES[name][3].items():
+        if n[split] != expected:
+            raise SystemExit(f"the {split} split of {repo} has {n[split]:,} rows, not {expected:,}: the download "
+                             f"is incomplete or the source changed; delete {cache_dir}/{name}-parquet and run "
+                             f"--prepare again")
+    if name == "openwebtext":
+        enc = gpt2_encoding()
+        tokenize = lambda texts: [ids + [GPT2_EOS] for ids in enc.encode_ordinary_batch(  # noqa: E731
+            texts, num_threads=os.cpu_count())]
+        cut = n["train"] - OWT_HELDOUT
+        splits = {"train": ("train", 0, cut), "val": ("train", cut, n["train"])}
+        meta = {"vocab_size": GPT2_EOS + 1, "tokenizer": "gpt2"}
+    else:
+        tok = hf_tokenizer("bert-base-uncased")
+        tokenize = lambda texts: tok(texts)["input_ids"]  # noqa: E731 ([CLS] ... [SEP] added by the tokeniser)
+        splits = {"train": ("train", 0, n["train"]), "val": ("test", 0, n["test"])}
+        meta = {"vocab_size": tok.vocab_size, "tokenizer": "bert-base-uncased"}
+    total, done, start = sum(n.values()), [0], time.time()
 
-    def tokens(split, shard=4096):
-        for i in range(0, len(split), shard):
-            yield from tok(split[i:i + shard]["text"])["input_ids"]  # [CLS] ... [SEP] added by the tokeniser
+    def tokens(split, lo, hi, batch=64 * (os.cpu_count() or 1)):
+        """The token ids of rows [lo, hi) of the split's files, batch by batch; a progress line every 30 s."""
+        end, report = 0, start + 30
+        for path, count in zip(files[split], rows[split]):
+            row, end = end, end + count
+            if end <= lo or row >= hi:
+                continue  # no row of [lo, hi) in this file
+            for b in pq.ParquetFile(path).iter_batches(batch, columns=["text"]):
+                texts, row = b.column("text").to_pylist()[max(0, lo - row):max(0, hi - row)], row + b.num_rows
+                if texts:
+                    yield np.concatenate([np.asarray(ids, np.uint16) for ids in tokenize(texts)])
+                    done[0] += len(texts)
+                if done[0] and time.time() > report:
+                    rate, report = done[0] / (time.time() - start), time.time() + 30
+                    print(f"{name}: {done[0]:,} of {total:,} documents, {rate:,.0f}/s, ETA "
+                          f"{(total - done[0]) / rate / 60:.0f} min", flush=True)
 
-    write_folder(folder, {"train": tokens(splits["train"]), "val": tokens(splits["test"])},
-                 {"vocab_size": tok.vocab_size, "tokenizer": "bert-base-uncased", "source": "lm1b"})
+    print(f"tokenising {name} ({total:,} documents) into {folder}")
+    write_folder(folder, {s: tokens(*where) for s, where in splits.items()}, {**meta, "source": f"{repo}@"
+                 f"{SOURCES[name][1]}"})
 
 
-def load_data(cfg, rank):
-    """Prepare --data once (rank 0; the others wait), then map train.bin and val.bin: (train, val, meta), the
-    splits as read-only uint16 arrays."""
-    folder = prepared_folder(cfg)
-    if rank == 0 and not os.path.exists(folder):
-        if cfg.data in ("openwebtext", "lm1b"):
-            print(f"preparing {cfg.data} into {folder} (once)")
-            (prepare_openwebtext if cfg.data == "openwebtext" else prepare_lm1b)(folder)
-        else:
-            path = download_shakespeare(cfg.cache_dir) if cfg.data == "shakespeare" else cfg.data
-            prepare_text_file(path, folder, cfg.tokenizer)
-    if dist.is_initialized():
-        dist.barrier()
+def load_data(folder, cfg):
+    """Map the prepared folder's train.bin and val.bin: (train, val, meta), the splits as read-only uint16
+    arrays; a folder that is incomplete or that does not fit the flags stops with one sentence. --num-eval is
+    cut to the validation windows there are: a window counted twice would shrink the standard errors."""
     missing = [f for f in ("train.bin", "val.bin", "meta.json") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise SystemExit(f"--data {cfg.data!r}: the folder lacks {', '.join(missing)} (a prepared folder holds "
@@ -283,6 +325,14 @@ def load_data(cfg, rank):
             raise SystemExit(f"{path} holds token id {ids.max()}, not below vocab_size {V} of meta.json: fix the "
                              f"ids or the vocab_size")
         splits.append(ids)
+    windows, world = len(splits[1]) // cfg.block_size, int(os.environ.get("WORLD_SIZE", 1))
+    if windows < world:
+        raise SystemExit(f"the validation split of {cfg.data} has {windows} windows of {cfg.block_size} tokens, "
+                         f"fewer than the {world} processes: choose a smaller --block-size or give more text")
+    if cfg.num_eval > windows:
+        common.print0(f"--num-eval {cfg.num_eval}: the validation split has {windows} windows of "
+                      f"{cfg.block_size} tokens, and each is used once")
+        cfg.num_eval = windows
     return splits[0], splits[1], meta
 
 
@@ -745,13 +795,16 @@ def weight_settings(cfg, method):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    rank, world = common.setup_ddp(cfg)
-    try:
-        train_ids, val_ids, meta = load_data(cfg, rank)
+    folder = prepare_data(cfg)
+    if cfg.prepare:
+        print(f"--data {cfg.data} is prepared in {folder}")
+        return None
+    with common.distributed(cfg) as (rank, world):
+        train_ids, val_ids, meta = load_data(folder, cfg)
         cfg.vocab_size, cfg.tokenizer = meta["vocab_size"], meta.get("tokenizer", "ids")
         methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
         training = not (cfg.eval_only or cfg.sample_only)
-        checkpoints = {m: common.read_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
+        checkpoints = {m: common.check_checkpoint(cfg, m, weight_settings(cfg, m), training) for m in methods}
         if rank == 0:
             common.make_out_dir(cfg)
         scorer = load_scorer(cfg) if rank == 0 else None  # before training: a scorer asked for must load
@@ -770,8 +823,7 @@ def main(argv=None):
                                                                               checkpoints[method], rank, world)
             else:
                 model = Model(cfg, method, cfg.vocab_size).to(cfg.device).eval()
-                model.load_state_dict(checkpoints[method]["ema"]["params"])
-                histories[method] = checkpoints[method]["history"]
+                histories[method] = common.load_weights(checkpoints[method], model)
             metrics["config"][method] = dict(vars(cfg))
             metrics["likelihood"][method], rows = evaluate(model, method, val_x0, decode, scorer, cfg, rank)
             metrics["by_steps"] += rows
@@ -784,8 +836,6 @@ def main(argv=None):
                                  [("bound", "valid T-step bound, nats/token")])
             print_table(cfg, metrics)
         return metrics
-    finally:
-        common.teardown_ddp()
 
 
 def print_table(cfg, metrics):

@@ -347,7 +347,7 @@ def weight_settings(cfg, method):
 def main(argv=None):
     cfg = parse_config(argv)
     methods = ["mdm", "vadd"] if cfg.method == "both" else [cfg.method]
-    checkpoints = {m: common.read_checkpoint(cfg, m, weight_settings(cfg, m), True) for m in methods}
+    checkpoints = {m: common.check_checkpoint(cfg, m, weight_settings(cfg, m), True) for m in methods}
     common.make_out_dir(cfg)
     run_start = time.time()
     reference = reference_distribution(cfg)

@@ -291,7 +291,7 @@ def test_cuda_device_turns_on_tf32_for_float32_matmuls(monkeypatch):
         torch.set_float32_matmul_precision(before)
 
 
-def test_checkpoints_save_and_restore_the_cuda_generator(monkeypatch):
+def test_checkpoints_save_and_restore_the_cuda_generator(monkeypatch, tmp_path):
     """--resume continues exactly on CUDA only if the CUDA generator travels with the checkpoint: faked here
     (a device whose type is 'cuda' and a stand-in generator state), since the tests run on a CPU."""
     restored = []
@@ -302,8 +302,26 @@ def test_checkpoints_save_and_restore_the_cuda_generator(monkeypatch):
     fake_cuda = types.SimpleNamespace(type="cuda")
     state = common.training_state(model, opt, ema, 3, {}, [], rng, fake_cuda)
     assert state["torch_rng"][0][1].tolist() == [7, 7]
-    common.resume(state, model, opt, ema, rng, fake_cuda, 0, 1, seed=0)
+    common.save_atomic(state, tmp_path / "ckpt.pt")
+    common.resume(tmp_path / "ckpt.pt", model, opt, ema, rng, fake_cuda, 0, 1, seed=0)
     assert restored == [[7, 7]]
+
+
+def test_resume_on_another_number_of_processes_does_not_repeat_the_first_draws(tmp_path):
+    """Saved by one process at iteration 3, resumed as rank 0 and rank 1 of two: each rank's times, masks and z
+    come from a new stream, neither the saved one nor one that a rank used from iteration 0."""
+    model = torch.nn.Linear(2, 2)
+    opt, ema, rng = torch.optim.AdamW(model.parameters()), common.EMA(model, 0.9), np.random.default_rng(0)
+    common.save_atomic(common.training_state(model, opt, ema, 3, {}, [], rng, torch.device("cpu")),
+                       tmp_path / "ckpt.pt")
+    draws = []
+    for rank in (0, 1):
+        assert common.resume(tmp_path / "ckpt.pt", model, opt, ema, rng, torch.device("cpu"), rank, 2, 1)[0] == 3
+        draws.append(torch.rand(4))
+    for rank in (0, 1):  # the streams of a run started on two processes (train(): seed + rank, seed = 1)
+        torch.manual_seed(1 + rank)
+        draws.append(torch.rand(4))
+    assert len({tuple(d.tolist()) for d in draws}) == 4
 
 
 def test_ema_is_the_decayed_average_of_the_weights_by_hand():
@@ -403,17 +421,18 @@ def test_meter_averages_since_each_read_and_stops_on_a_figure_that_is_not_finite
 
 def test_a_checkpoint_is_continued_only_with_resume_and_must_match_the_weights_settings(tmp_path, capsys):
     cfg = types.SimpleNamespace(out_dir=str(tmp_path), resume=False)
-    assert common.read_checkpoint(cfg, "vadd", {"width": 8}, train=True) is None
+    assert common.check_checkpoint(cfg, "vadd", {"width": 8}, train=True) is None
     with pytest.raises(SystemExit, match="ckpt_vadd.pt does not exist: train first"):
-        common.read_checkpoint(cfg, "vadd", {"width": 8}, train=False)
-    common.save_atomic({"config": {"width": 8}, "iter": 3}, str(tmp_path / "ckpt_vadd.pt"))
+        common.check_checkpoint(cfg, "vadd", {"width": 8}, train=False)
+    path = str(tmp_path / "ckpt_vadd.pt")
+    common.save_atomic({"config": {"width": 8}, "iter": 3}, path)
     with pytest.raises(SystemExit, match="already holds a vadd run .*: pass --resume to continue it"):
-        common.read_checkpoint(cfg, "vadd", {"width": 8}, train=True)
-    assert common.read_checkpoint(cfg, "vadd", {"width": 8}, train=False)["iter"] == 3
+        common.check_checkpoint(cfg, "vadd", {"width": 8}, train=True)
+    assert common.check_checkpoint(cfg, "vadd", {"width": 8}, train=False) == path
     cfg.resume = True
-    assert common.read_checkpoint(cfg, "vadd", {"width": 8}, train=True)["iter"] == 3
+    assert common.check_checkpoint(cfg, "vadd", {"width": 8}, train=True) == path
     with pytest.raises(SystemExit, match=r"was trained with --width 8 \(now 16\): pass the same flags"):
-        common.read_checkpoint(cfg, "vadd", {"width": 16}, train=True)
-    assert common.read_checkpoint(cfg, "mdm", {}, train=True) is None
+        common.check_checkpoint(cfg, "vadd", {"width": 16}, train=True)
+    assert common.check_checkpoint(cfg, "mdm", {}, train=True) is None
     assert "holds no ckpt_mdm.pt, so mdm starts from scratch" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_vadd.pt"]  # nothing deleted

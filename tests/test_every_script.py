@@ -270,6 +270,17 @@ def test_numbers_that_are_not_finite_are_refused(name, flag, value, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name, flag", [("toy", "--num-eval"), ("text", "--num-eval"), ("mnist", "--num-eval"),
+                                        ("mnist", "--val-images"), ("cifar", "--num-eval"), ("cifar", "--val-images")])
+def test_fewer_evaluation_examples_than_processes_are_refused(name, flag, tmp_path, capsys, monkeypatch):
+    """torchrun's WORLD_SIZE 2: a process without an example would fail or skip a collective."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        MODULES[name].main(tiny_args(name, tmp_path, flag, "1"))
+    assert e.value.code == 2 and f"{flag} 1 is fewer than the 2 processes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_after_a_nan_the_checkpoint_kept_is_the_last_finite_one(name, tmp_path, monkeypatch):
     module, calls = MODULES[name], []

@@ -232,6 +232,27 @@ def test_fresh_denoiser_gives_nelbo_1024_log_2(tmp_path):
     assert abs(loss.mean().item() - 1024 * math.log(2)) < 4 * se
 
 
+def test_standard_errors_with_repeats_are_over_distinct_images(tmp_path, monkeypatch):
+    """--eval-repeats R passes over n images: each image's R estimates are averaged first, then the mean and
+    its standard error are taken over the n image means (R passes are not R n independent images)."""
+    cfg = mnist.parse_config(tiny_args(tmp_path, "--eval-repeats", "3", "--eval-batch", "4", "--steps", "2"))
+    g, drawn = torch.Generator().manual_seed(0), {"nelbo": [], "bound": []}
+
+    def draw(key, x):  # a different figure for every image and every pass, remembered in call order
+        values = 700 + 50 * torch.randn(len(x), generator=g, dtype=torch.float64)
+        drawn[key].append(values)
+        return values
+
+    monkeypatch.setattr(mnist, "delbo", lambda model, x, lam: (draw("nelbo", x), None))
+    monkeypatch.setattr(common, "step_bound", lambda x, *args, **kwargs: draw("bound", x))
+    x0 = torch.randint(0, 2, (10, 32, 32))
+    figures = mnist.likelihoods(mnist.Model(cfg, "mdm"), x0, cfg)
+    for key, figure in [("nelbo", figures["mdm_nelbo"]), ("bound", figures["mdm", 2])]:
+        per_image = np.mean(np.split(torch.cat(drawn[key]).numpy() / (1024 * math.log(2)), 3), axis=0)
+        assert len(per_image) == 10
+        assert figure == pytest.approx((per_image.mean(), per_image.std(ddof=1) / math.sqrt(10)), rel=1e-6)  # figures in float32
+
+
 def test_samplers_end_binary_and_count_evaluations_honestly(tmp_path):
     """The spy sees every batch the denoiser runs on. VADD-CS: every z is one of the first call's; vanilla:
     every call brings new z. Without a time input MDM and VADD-CS skip images that did not change, so a

@@ -1,6 +1,7 @@
 """vadd_text.py on tiny configs through main(): the three kinds of --data, both methods, resume, DDP with gloo,
 the scorer, the DiT's properties, the samplers' network-call counts, and bad input. GPT-2 tokens come from the
 ranks file in tests/fixtures/text (no network)."""
+import fnmatch
 import functools
 import json
 import math
@@ -8,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import types
 import urllib.error
 
@@ -174,43 +176,94 @@ def test_eval_only_and_sample_only_reproduce_the_run(tmp_path):
     assert [(r["sampler"], r["steps"], "bound" in r) for r in only["by_steps"]][-1] == ("vadd_cs", 2, False)
 
 
-def test_openwebtext_preparation_follows_mdlm(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    rng = np.random.default_rng(1)
-    docs = [" ".join(rng.choice(WORDS, size=rng.integers(20, 60))) for _ in range(30)]
-    monkeypatch.setattr(vt, "load_hf_dataset", lambda name: datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"text": docs})}) if name == "openwebtext" else None)
+def fake_hub(monkeypatch, files, rows):
+    """A stand-in for the Hugging Face hub: snapshot_download writes `files` ({path in the repository: texts})
+    as parquet files in the real format (a `text` column, several row groups) into its local_dir, those that
+    match its allow_patterns; SOURCES expects `rows` per split. Returns the list of what it was asked for."""
+    hub, pa, pq = (pytest.importorskip(m) for m in ("huggingface_hub", "pyarrow", "pyarrow.parquet"))
+    asked = []
+
+    def snapshot_download(repo_id, repo_type, revision, allow_patterns, local_dir):
+        asked.append((repo_id, repo_type, revision))
+        for name, texts in files.items():
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                os.makedirs(os.path.dirname(os.path.join(local_dir, name)), exist_ok=True)
+                pq.write_table(pa.table({"text": texts}), os.path.join(local_dir, name), row_group_size=7)
+        return local_dir
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    for name, (repo, revision, patterns, _) in list(vt.SOURCES.items()):
+        monkeypatch.setitem(vt.SOURCES, name, (repo, revision, patterns, rows))
+    return asked
+
+
+def documents(n, seed, low=20, high=60):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(low, high))) for _ in range(n)]
+
+
+def prepare_openwebtext(tmp_path, monkeypatch, rows=30):
+    """--prepare of openwebtext from two local parquet shards of 18 and 12 documents, the last 5 held out."""
+    docs = documents(30, 1)
+    asked = fake_hub(monkeypatch, {"data/train-00000-of-00002.parquet": docs[:18],
+                                   "data/train-00001-of-00002.parquet": docs[18:]}, {"train": rows})
     monkeypatch.setattr(vt, "OWT_HELDOUT", 5)
-    vt.main(tiny_args(tmp_path, "openwebtext", "--method", "mdm", "--max-iters", "2"))
+    vt.main(["--data", "openwebtext", "--prepare", "--cache-dir", str(tmp_path / "cache")])
+    return docs, asked
+
+
+def test_openwebtext_is_prepared_from_parquet_as_mdlm_does(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match=r"--data openwebtext is not prepared in \S+: run `python vadd_text.py "
+                                         r"--data openwebtext --prepare` first"):
+        vt.main(tiny_args(tmp_path, "openwebtext"))
+    docs, asked = prepare_openwebtext(tmp_path, monkeypatch)
+    assert asked == [("Skylion007/openwebtext", "dataset", "refs/pr/18")]
     enc, folder = gpt2_from_fixture(), tmp_path / "cache" / "openwebtext"
     joined = lambda d: [t for doc in d for t in enc.encode_ordinary(doc) + [50256]]  # noqa: E731 (EOS after each)
     assert np.fromfile(folder / "train.bin", np.uint16).tolist() == joined(docs[:25])
     assert np.fromfile(folder / "val.bin", np.uint16).tolist() == joined(docs[25:])  # the last documents held out
     assert json.loads((folder / "meta.json").read_text())["vocab_size"] == 50257
+    assert sorted(os.listdir(tmp_path / "cache")) == ["openwebtext", "openwebtext-parquet"]  # no temporary folder
+    assert "--data openwebtext is prepared in" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    metrics = vt.main(tiny_args(tmp_path, "openwebtext", "--method", "mdm", "--max-iters", "2"))
+    assert metrics["config"]["mdm"]["vocab_size"] == 50257
 
 
-def test_lm1b_preparation_follows_mdlm_wrap(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets")
+def test_a_source_with_other_row_counts_is_refused_and_leaves_no_tokens(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=r"the train split of Skylion007/openwebtext has 30 rows, not 31: the "
+                                         r"download is incomplete or the source changed"):
+        prepare_openwebtext(tmp_path, monkeypatch, rows=31)
+    assert os.listdir(tmp_path / "cache") == ["openwebtext-parquet"]
+
+
+def test_unprepared_data_stops_every_rank_before_the_process_group(tmp_path, monkeypatch):
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        with pytest.raises(SystemExit, match=r"--data lm1b is not prepared in \S+: run `python vadd_text.py "
+                                             r"--data lm1b --prepare` first"):
+            vt.main(tiny_args(tmp_path, "lm1b", "--device", "cpu"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_lm1b_is_prepared_from_parquet_as_mdlm_wrap_does(tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", ";", "?", "."]
                                + sorted(set(WORDS))))
-    tok = transformers.BertTokenizer(vocab_file=str(vocab))
-    rng = np.random.default_rng(2)
-
-    def sentences(n):
-        return [" ".join(rng.choice(WORDS, size=rng.integers(5, 12))) + " ." for _ in range(n)]
-
-    train, test = sentences(200), sentences(40)
+    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    train, test = [s + " ." for s in documents(200, 2, 5, 12)], [s + " ." for s in documents(40, 3, 5, 12)]
+    asked = fake_hub(monkeypatch, {"plain_text/train/0000.parquet": train[:150],
+                                   "plain_text/train/0001.parquet": train[150:],
+                                   "plain_text/test/0000.parquet": test}, {"train": 200, "test": 40})
     monkeypatch.setattr(vt, "hf_tokenizer", lambda name: tok)
-    monkeypatch.setattr(vt, "load_hf_dataset", lambda name: datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"text": train}),
-         "test": datasets.Dataset.from_dict({"text": test})}))
-    metrics = vt.main(tiny_args(tmp_path, "lm1b", "--method", "mdm", "--max-iters", "2"))
+    vt.main(["--data", "lm1b", "--prepare", "--cache-dir", str(tmp_path / "cache")])
+    assert asked == [("billion-word-benchmark/lm1b", "dataset", "refs/convert/parquet")]
     folder = tmp_path / "cache" / "lm1b"
     wrapped = lambda s: [t for x in s for t in tok(x)["input_ids"]]  # noqa: E731 ([CLS] ... [SEP] each)
     assert np.fromfile(folder / "train.bin", np.uint16).tolist() == wrapped(train)
     assert np.fromfile(folder / "val.bin", np.uint16).tolist() == wrapped(test)
+    metrics = vt.main(tiny_args(tmp_path, "lm1b", "--method", "mdm", "--max-iters", "2"))
     assert metrics["config"]["mdm"]["block_size"] == 16
     assert metrics["config"]["mdm"]["vocab_size"] == tok.vocab_size
     assert vt.parse_config(["--data", "lm1b", "--cache-dir", str(tmp_path / "cache")]).block_size == 128
@@ -253,7 +306,7 @@ WORKER = """
 import json, os, sys
 sys.path.insert(0, {root!r})
 import vadd_text as vt
-get_batch, seen = vt.get_batch, []
+get_batch, sample, seen = vt.get_batch, vt.sample, []
 
 
 def spy(ids, offsets, block_size, device):
@@ -261,30 +314,48 @@ def spy(ids, offsets, block_size, device):
     return get_batch(ids, offsets, block_size, device)
 
 
+def failing_sample(*args):
+    raise RuntimeError("rank 0 failed while sampling")
+
+
 vt.get_batch = spy
+sys.path.insert(0, os.path.join({root!r}, "tests"))
+import test_text
+vt.gpt2_encoding = test_text.gpt2_from_fixture  # no download
+if os.environ.get("FAIL_SAMPLING") and os.environ["RANK"] == "0":
+    vt.sample = failing_sample
 vt.main(sys.argv[1:])
 with open(f"{record}.{{os.environ['RANK']}}.json", "w") as f:
     json.dump(seen, f)
 """
 
 
-def test_ddp_two_processes_read_different_windows(tmp_path):
-    """torchrun --standalone with gloo (torchrun picks and holds the port): each rank reads its own windows."""
-    data = write_text(tmp_path / "poem.txt")
-    argv = tiny_args(tmp_path, data, "--tokenizer", "char", "--method", "vadd", "--max-iters", "4",
-                     "--device", "cpu")
+def torchrun(tmp_path, argv, **env):
+    """argv on two processes with gloo (torchrun --standalone picks and holds the port): (result, seconds)."""
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     record=str(tmp_path / "seen")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), *argv]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           *argv]
+    start = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    return done, time.time() - start
+
+
+def test_prepared_openwebtext_on_two_processes_and_a_failing_rank_ends_the_job(tmp_path, monkeypatch):
+    """--prepare, then torchrun with gloo: each rank reads its own windows of the global batch. Rerun into the
+    same --out-dir, and with rank 0 failing while the other is in a collective: each run exits non-zero within
+    60 s with the failing rank's message (no barrier waits for a rank that has gone)."""
+    prepare_openwebtext(tmp_path, monkeypatch)
+    argv = tiny_args(tmp_path, "openwebtext", "--max-iters", "4", "--device", "cpu")
+    done, _ = torchrun(tmp_path, argv)
     assert done.returncode == 0, done.stderr[-2000:]
     seen = [json.loads((tmp_path / f"seen.{r}.json").read_text()) for r in (0, 1)]
     n_train = max(n for n, _ in seen[0])
     windows = [[o for n, o in s if n == n_train] for s in seen]  # training reads (the validation split is smaller)
-    assert len(windows[0]) == len(windows[1]) == 4 and all(len(w) == 4 for w in windows[0] + windows[1])
+    assert len(windows[0]) == len(windows[1]) == 8 and all(len(w) == 4 for w in windows[0] + windows[1])
+    assert windows[0][:4] == windows[0][4:]  # MDM, then VADD on the same windows
     for a, b in zip(*windows):
         assert a != b  # each rank reads its own windows of the iteration's global batch
     # the two ranks together read the global batch one process reads with the same seed
@@ -294,7 +365,12 @@ def test_ddp_two_processes_read_different_windows(tmp_path):
         one_process = vt.window_offsets(rng, n_train, cfg, 0, 1).ravel().tolist()
         assert sorted(windows[0][it] + windows[1][it]) == sorted(one_process)
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())  # rank 0 finished and wrote the results
-    assert {r["sampler"] for r in saved["by_steps"]} == {"vadd", "vadd_cs"}
+    assert {r["sampler"] for r in saved["by_steps"]} == {"mdm", "vadd", "vadd_cs"}
+    # rank 0 fails in MDM's sampling while rank 1 is in a collective of VADD's likelihoods
+    for extra, env, message in [([], {}, "already holds a mdm run"),
+                                (["--eval-only"], {"FAIL_SAMPLING": "1"}, "rank 0 failed while sampling")]:
+        done, seconds = torchrun(tmp_path, argv + extra, **env)
+        assert done.returncode != 0 and seconds < 60 and message in done.stderr, (seconds, done.stderr[-2000:])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,7 +478,7 @@ def test_fresh_denoiser_is_uniform_over_real_tokens(tmp_path):
 def test_z_matters_once_trained_and_recognition_reads_x0_and_mask(tmp_path):
     data = write_text(tmp_path / "poem.txt")
     cfg = vt.parse_config(tiny_args(tmp_path, data, "--tokenizer", "char", "--max-iters", "20", "--lr", "3e-3"))
-    train_ids, val_ids, meta = vt.load_data(cfg, 0)
+    train_ids, val_ids, meta = vt.load_data(vt.prepare_data(cfg), cfg)
     cfg.vocab_size = meta["vocab_size"]
     os.makedirs(cfg.out_dir)
     val_x0 = vt.eval_windows(val_ids, cfg, 0, 1)
@@ -457,7 +533,7 @@ def test_samplers_count_calls_and_reuse_only_where_valid(tmp_path):
     (["--steps", "0"], "positive whole number"),
     (["--steps", "1,x"], "whole numbers separated by commas"),
     (["--width", "30"], "heads of even size"),
-    (["--batch-size", "6", "--grad-accum", "4"], "must be a multiple of"),
+    (["--batch-size", "6", "--grad-accum", "4"], "must split evenly over 1 process(es) x --grad-accum 4"),
     (["--eval-only", "--sample-only"], "argument --sample-only: not allowed with argument --eval-only"),
     (["--tokenizer", "bpe"], "invalid choice: 'bpe'"),
     (["--num-samples", "0"], "argument --num-samples: '0' is not a whole number from 1 to inf"),
@@ -480,6 +556,18 @@ def test_missing_empty_and_unprepared_data_are_refused(tmp_path):
         with pytest.raises(SystemExit, match=message):
             vt.main(tiny_args(tmp_path, data))
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_num_eval_beyond_the_validation_split_uses_each_window_once(tmp_path, capsys):
+    """A window counted twice would make its figures look like independent examples (standard errors too small):
+    --num-eval past the split's windows takes each window once, says so, and records what it used."""
+    data = write_prepared(tmp_path / "ids", 37, n_val=100)  # 6 windows of 16 tokens
+    cfg = vt.parse_config(tiny_args(tmp_path, data, "--num-eval", "50"))
+    val = vt.load_data(vt.prepare_data(cfg), cfg)[1]
+    assert cfg.num_eval == 6 and "--num-eval 50: the validation split has 6 windows of 16 tokens" in \
+        capsys.readouterr().out
+    windows = torch.cat([vt.eval_windows(val, cfg, rank, 2) for rank in (0, 1)])
+    assert len(windows) == len(torch.unique(windows, dim=0)) == 6
 
 
 def test_bad_data_contents_are_refused(tmp_path):
