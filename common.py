@@ -81,7 +81,7 @@ def kl_weight(step, warmup, start=0.0):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Latent: reparameterised draw and closed-form KL to the prior N(0, I)
+# Latent: reparameterised draw, the prior p(z), and KL(r || p)
 
 def sample_latent(mean, logvar):
     return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
@@ -95,6 +95,49 @@ def gaussian_kl(mean, logvar):
 
 def gaussian_log_prob(z, mean, logvar):
     return -0.5 * (((z - mean) ** 2) / logvar.exp() + logvar + math.log(2 * math.pi)).sum(-1)
+
+
+class Prior(torch.nn.Module):
+    """p(z) over `dim` dimensions: 'gaussian', N(0, I) as in the paper, or 'mixture' of `components` diagonal
+    Gaussians whose means, log-variances and weights are learned with the model (docs/method.md)."""
+
+    def __init__(self, dim, kind="gaussian", components=10):
+        super().__init__()
+        self.dim, self.mixture = dim, kind == "mixture"
+        if self.mixture:  # components spread like draws of N(0, I), equal weights at first
+            self.means = torch.nn.Parameter(torch.randn(components, dim))
+            self.logvars = torch.nn.Parameter(torch.zeros(components, dim))
+            self.logits = torch.nn.Parameter(torch.zeros(components))
+
+    def log_prob(self, z):
+        """log p(z) in float32 for z of shape (..., dim)."""
+        z = z.float()
+        if not self.mixture:
+            return gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
+        log_weights = torch.log_softmax(self.logits.float(), -1)
+        return torch.logsumexp(gaussian_log_prob(z.unsqueeze(-2), self.means, self.logvars) + log_weights, -1)
+
+    @torch.no_grad()
+    def sample(self, num, device):
+        if not self.mixture:
+            return torch.randn(num, self.dim, device=device)
+        k = torch.multinomial(torch.softmax(self.logits.float(), -1), num, replacement=True)
+        return self.means[k] + torch.exp(0.5 * self.logvars[k]) * torch.randn(num, self.dim, device=device)
+
+
+def draw_latent(mean, logvar, prior=None):
+    """z ~ r = N(mean, diag exp(logvar)), reparameterised, and KL(r || p) per example (latent_kl)."""
+    z = sample_latent(mean, logvar)
+    return z, latent_kl(mean, logvar, z, prior)
+
+
+def latent_kl(mean, logvar, z, prior=None):
+    """KL(r || p) per example, r = N(mean, diag exp(logvar)), z ~ r already drawn: in closed form for N(0, I)
+    (prior None or Gaussian); for a mixture the single-draw estimate log r(z) - log p(z), unbiased, so every
+    bound that adds it stays valid in expectation (docs/method.md)."""
+    if prior is None or not prior.mixture:
+        return gaussian_kl(mean, logvar)
+    return gaussian_log_prob(z.float(), mean.float(), logvar.float()) - prior.log_prob(z)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,28 +194,27 @@ def masked_nll(logits, x0, masked):
     return torch.zeros(x0.shape[0], device=nll.device, dtype=nll.dtype).index_add_(0, example, nll)
 
 
-def step_bound_term(x0, denoise, schedule, mask_id, T, i, z=None, recognize=None):
+def step_bound_term(x0, denoise, schedule, mask_id, T, i, z=None, recognize=None, prior=None):
     """Step i of the valid T-step bound (t = i/T -> s = (i-1)/T; i a (B,) tensor, T an int or (B,) tensor):
     (alpha_s - alpha_t)/(1 - alpha_t) * sum_masked -log mu(x0 | x_t, z), x_t ~ q(x_t | x0). With `recognize`
     (vanilla sampler) z ~ r(z | x0, x_t) is drawn here and the step adds KL(r || p) times the chance that it
     reveals anything, 1 - (1 - p)^n: a step that reveals nothing does not depend on z. Otherwise z is the
-    caller's (None for MDM, the example's one z for VADD-CS)."""
+    caller's (None for MDM, the example's one z for VADD-CS). prior: p(z), None for N(0, I)."""
     t, s = i.double() / T, (i.double() - 1) / T
     alpha_t, alpha_s = schedule.alpha_grid(t), schedule.alpha_grid(s)
     xt = forward_mask(x0, alpha_t.float(), mask_id)
     masked = xt == mask_id
     kl_term = 0.0
     if recognize is not None:
-        mean, logvar = recognize(x0, masked)
-        z = sample_latent(mean, logvar)
+        z, kl = draw_latent(*recognize(x0, masked), prior)
         n = masked.reshape(x0.shape[0], -1).sum(1).double()
         reveals_any = 1 - ((1 - alpha_s) / (1 - alpha_t)) ** n  # 0 ** 0 = 1: nothing masked, nothing revealed
-        kl_term = reveals_any.float() * gaussian_kl(mean, logvar)
+        kl_term = reveals_any.float() * kl
     nll = masked_nll(denoise(xt, t.float(), z), x0, masked)
     return unmask_probability(alpha_t, alpha_s).float() * nll + kl_term
 
 
-def steps_loss(x0, denoise, schedule, mask_id, train_steps, recognize=None, kl_weight=1.0):
+def steps_loss(x0, denoise, schedule, mask_id, train_steps, recognize=None, kl_weight=1.0, prior=None):
     """The `steps` objective (docs/method.md), per example: the valid bound of the K-step consistency sampler
     as a loss. z ~ r(z | x0, everything masked) once (reparameterised), K drawn from `train_steps`, a step i
     uniform in 1..K: K * step_bound_term + kl_weight * KL(r || p), the KL once and not weighted by w(t). Its
@@ -180,37 +222,35 @@ def steps_loss(x0, denoise, schedule, mask_id, train_steps, recognize=None, kl_w
     B = x0.shape[0]
     z, kl = None, torch.zeros(B, device=x0.device)
     if recognize is not None:
-        mean, logvar = recognize(x0, torch.ones_like(x0, dtype=torch.bool))
-        z, kl = sample_latent(mean, logvar), gaussian_kl(mean, logvar)
+        z, kl = draw_latent(*recognize(x0, torch.ones_like(x0, dtype=torch.bool)), prior)
     K = torch.tensor(train_steps, device=x0.device)[torch.randint(len(train_steps), (B,), device=x0.device)]
     i = (torch.rand(B, device=x0.device) * K).long().clamp_max(K - 1) + 1
     return K * step_bound_term(x0, denoise, schedule, mask_id, K, i, z) + kl_weight * kl, kl
 
 
 @torch.no_grad()
-def step_bound(x0, denoise, schedule, mask_id, T, recognize=None, sampler="mdm", exact=False):
+def step_bound(x0, denoise, schedule, mask_id, T, recognize=None, sampler="mdm", exact=False, prior=None):
     """A valid upper bound on -log p_T(x0) of the T-step sampler (grid t_i = i/T), per example: 'mdm', 'vadd'
     (a fresh z at every step) or 'vadd_cs' (one z ~ r(z | x0, everything masked) for all steps, its KL paid
     once); >= the sampler's true NLL whatever the networks are. exact=True sums all T steps (T calls);
     exact=False is the unbiased estimate T * (the term of one step drawn per example), one call."""
     B, z, total = x0.shape[0], None, torch.zeros(x0.shape[0], device=x0.device)
     if sampler == "vadd_cs":
-        mean, logvar = recognize(x0, torch.ones_like(x0, dtype=torch.bool))
-        z = sample_latent(mean, logvar)
-        total += gaussian_kl(mean, logvar)
+        z, kl = draw_latent(*recognize(x0, torch.ones_like(x0, dtype=torch.bool)), prior)
+        total += kl
     per_step_recognize = recognize if sampler == "vadd" else None
     if exact:
         for step in range(1, T + 1):
             i = torch.full((B,), step, device=x0.device)
-            total += step_bound_term(x0, denoise, schedule, mask_id, T, i, z, per_step_recognize)
+            total += step_bound_term(x0, denoise, schedule, mask_id, T, i, z, per_step_recognize, prior)
     else:
         i = (stratified_uniform(B, x0.device) * T).long().clamp_max(T - 1) + 1  # one step per example
-        total += T * step_bound_term(x0, denoise, schedule, mask_id, T, i, z, per_step_recognize)
+        total += T * step_bound_term(x0, denoise, schedule, mask_id, T, i, z, per_step_recognize, prior)
     return total
 
 
 @torch.no_grad()
-def iw_delbo(x0, denoise, recognize, schedule, mask_id, num_samples, eps=1e-3, budget=None):
+def iw_delbo(x0, denoise, recognize, schedule, mask_id, num_samples, eps=1e-3, budget=None, prior=None):
     """Importance-weighted DELBO with K draws of z ~ r(z | x0, x_t), per example (one t and x_t each):
     w(t) * -(logsumexp_k l_k - log K), l_k = sum_masked log mu(x0 | x_t, z_k) + log p(z_k) - log r(z_k). Like the
     DELBO a comparison figure, not a bound. The K x B (draw, example) pairs go through the denoiser in calls
@@ -221,7 +261,7 @@ def iw_delbo(x0, denoise, recognize, schedule, mask_id, num_samples, eps=1e-3, b
     masked = xt == mask_id
     mean, logvar = (a.float() for a in recognize(x0, masked))
     z = mean + torch.exp(0.5 * logvar) * torch.randn(num_samples, *mean.shape, device=x0.device)  # (K, B, d)
-    log_w = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) - gaussian_log_prob(z, mean, logvar)
+    log_w = (Prior(z.shape[-1]) if prior is None else prior).log_prob(z) - gaussian_log_prob(z, mean, logvar)
     z, log_w = z.flatten(0, 1), log_w.flatten()  # pair j is draw j // B of example j % B
     pairs = torch.arange(num_samples * B, device=x0.device)
     for j in pairs.split(rows_per_call(x0[0].numel(), mask_id, budget)):
@@ -351,7 +391,8 @@ def add_training_flags(p, defaults, preset_keys=(), evaluation=True):
     `preset_keys` takes its default from --preset. evaluation=False (toy) leaves out gradient accumulation,
     validation and --eval-only / --sample-only."""
     defaults = {"method": "both", "grad_accum": 1, "grad_clip": 1.0, "kl_start": 0.0, "schedule": "loglinear",
-                "objective": "delbo", "train_steps": "1,2,4,8", "seed": 0, "device": "auto", **defaults}
+                "objective": "delbo", "train_steps": "1,2,4,8", "prior": "gaussian", "prior_components": 10,
+                "seed": 0, "device": "auto", **defaults}
 
     def a(flag, help, to=p, **kw):
         key = flag[2:].replace("-", "_")
@@ -376,6 +417,9 @@ def add_training_flags(p, defaults, preset_keys=(), evaluation=True):
       help="delbo: the paper's continuous-time DELBO (MDM: NELBO); steps: the valid bound of the K-step "
            "consistency sampler (MDM: of the K-step sampler), docs/method.md")
     a("--train-steps", type=counts, help="budgets K of --objective steps, drawn one per example")
+    a("--prior", choices=("gaussian", "mixture"), help="VADD's p(z): N(0, I) as in the paper, or a mixture of "
+      "--prior-components diagonal Gaussians learned with the model")
+    a("--prior-components", type=whole(), help="components of --prior mixture")
     a("--seed", type=whole(0, 2**32 - 1), help="seeds training, data and sampling (the same for both methods)")
     a("--device", help="auto, cpu, cuda, cuda:N (torchrun: each process takes its local GPU)")
     a("--dtype", choices=("float32", "bfloat16"), help="autocast dtype (default float32 on CPU, bfloat16 on CUDA)")

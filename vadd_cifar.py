@@ -343,6 +343,7 @@ class Model(nn.Module):
         self.schedule = common.Schedule(cfg.schedule)
         self.denoiser = Denoiser(cfg, self.latent_dim)
         self.recognition = Recognition(cfg, self.latent_dim) if self.latent_dim else None
+        self.prior = common.Prior(self.latent_dim, cfg.prior, cfg.prior_components) if method == "vadd" else None
 
     def denoise(self, xt, t, z):
         return self.denoiser(xt, t, z)
@@ -350,7 +351,7 @@ class Model(nn.Module):
     def forward(self, x0, kl_weight):
         if self.objective == "steps":  # the valid bound of the K-step consistency sampler (docs/method.md)
             return common.steps_loss(x0, self.denoise, self.schedule, self.mask_id, self.train_steps,
-                                     self.recognition, kl_weight)
+                                     self.recognition, kl_weight, self.prior)
         return delbo(self, x0, kl_weight)
 
 
@@ -358,7 +359,7 @@ class Model(nn.Module):
 # Objective: the paper's DELBO (docs/method.md; MDM's NELBO is the same without z)
 
 def delbo(model, x0, kl_weight):
-    """Per image, in nats: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
+    """Per image, in nats: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || p(z))),
     t drawn low-discrepancy, x_t ~ q(x_t | x0), z ~ r reparameterised. Returns (loss, kl) per image; the KL,
     unweighted by w(t), is logged to watch for posterior collapse."""
     t = common.sample_times(x0.shape[0], model.schedule.eps, x0.device)
@@ -366,8 +367,7 @@ def delbo(model, x0, kl_weight):
     masked = xt == model.mask_id
     z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
     if model.recognition is not None:
-        mean, logvar = model.recognition(x0, masked)
-        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
+        z, kl = common.draw_latent(*model.recognition(x0, masked), model.prior)
     nll = common.masked_nll(model.denoise(xt, t, z), x0, masked)
     return model.schedule.weight(t) * (nll + kl_weight * kl), kl
 
@@ -381,7 +381,7 @@ def no_latent(z, num, model):
 
 
 def fresh_latent(z, num, model):
-    return torch.randn(num, model.latent_dim, device=next(model.parameters()).device)
+    return model.prior.sample(num, next(model.parameters()).device)
 
 
 def one_latent(z, num, model):
@@ -445,11 +445,11 @@ def likelihoods(model, x0, cfg):
             figures[keys[0]].append(delbo(model, x, 1.0)[0])
             if vadd:
                 figures["iw_delbo"].append(common.iw_delbo(x, model.denoise, model.recognition, model.schedule,
-                                                           model.mask_id, cfg.iw_samples))
+                                                           model.mask_id, cfg.iw_samples, prior=model.prior))
             for s in samplers:
                 for T in cfg.steps:
                     figures[s, T].append(common.step_bound(x, model.denoise, model.schedule, model.mask_id, T,
-                                                           model.recognition, s))
+                                                           model.recognition, s, prior=model.prior))
     return {k: tuple(bpd(v) for v in common.mean_se(parts, device)) for k, parts in figures.items()}
 
 
@@ -584,9 +584,10 @@ def train(cfg, method, data, ckpt, rank, world):
 
 def weight_settings(cfg, method):
     """The flags that shape the trained weights: a checkpoint trained with others is refused."""
+    prior = f"mixture of {cfg.prior_components}" if method == "vadd" and cfg.prior == "mixture" else None
     keys = ("channels", "channel_mult", "num_res_blocks", "attn_res", "dropout", "embed_dim", "time_cond",
             "latent_dim", "schedule", "objective", "train_steps")
-    return {"method": method, **{k: getattr(cfg, k) for k in keys}}
+    return {"method": method, "prior": prior, **{k: getattr(cfg, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -353,6 +353,7 @@ class Model(nn.Module):
         self.schedule = common.Schedule(cfg.schedule)
         self.denoiser = Denoiser(cfg, self.latent_dim)
         self.recognition = Recognition(cfg, self.latent_dim) if self.latent_dim else None
+        self.prior = common.Prior(self.latent_dim, cfg.prior, cfg.prior_components) if method == "vadd" else None
 
     def denoise(self, xt, t, z):
         return self.denoiser(xt, t, z)
@@ -360,7 +361,7 @@ class Model(nn.Module):
     def forward(self, x0, kl_weight):
         if self.objective == "steps":  # the valid bound of the K-step consistency sampler (docs/method.md)
             return common.steps_loss(x0, self.denoise, self.schedule, self.mask_id, self.train_steps,
-                                     self.recognition, kl_weight)
+                                     self.recognition, kl_weight, self.prior)
         return delbo(self, x0, kl_weight)
 
 
@@ -368,7 +369,7 @@ class Model(nn.Module):
 # Objective: the paper's DELBO (docs/method.md; MDM's NELBO is the same without z)
 
 def delbo(model, x0, kl_weight):
-    """Per image: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))), with t
+    """Per image: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || p(z))), with t
     drawn low-discrepancy, x_t ~ q(x_t | x0) and z ~ r reparameterised. Returns (loss, kl) per image in nats;
     the KL, unweighted by w(t), is logged to watch for posterior collapse."""
     t = common.sample_times(x0.shape[0], model.schedule.eps, x0.device)
@@ -376,8 +377,7 @@ def delbo(model, x0, kl_weight):
     masked = xt == model.mask_id
     z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
     if model.recognition is not None:
-        mean, logvar = model.recognition(x0, masked)
-        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
+        z, kl = common.draw_latent(*model.recognition(x0, masked), model.prior)
     nll = common.masked_nll(model.denoise(xt, t, z), x0, masked)
     return model.schedule.weight(t) * (nll + kl_weight * kl), kl
 
@@ -391,7 +391,7 @@ def no_latent(z, num, model):
 
 
 def fresh_latent(z, num, model):
-    return torch.randn(num, model.latent_dim, device=next(model.parameters()).device)
+    return model.prior.sample(num, next(model.parameters()).device)
 
 
 def one_latent(z, num, model):
@@ -450,11 +450,12 @@ def likelihoods(model, x0, cfg):
                 figures["delbo" if vadd else "mdm_nelbo"] = delbo(model, x, 1.0)[0]
                 if vadd:  # K draws of z per image: K x chunk images, in calls of at most `chunk`
                     figures["iw_delbo"] = common.iw_delbo(x, model.denoise, model.recognition, model.schedule,
-                                                          model.mask_id, cfg.iw_samples, budget=chunk * D * V)
+                                                          model.mask_id, cfg.iw_samples, budget=chunk * D * V,
+                                                          prior=model.prior)
                 for sampler in samplers:
                     for T in cfg.steps:
                         figures[sampler, T] = common.step_bound(x, model.denoise, model.schedule, model.mask_id, T,
-                                                                model.recognition, sampler, exact=False)
+                                                                model.recognition, sampler, prior=model.prior)
             for key, nats in figures.items():
                 per.setdefault(key, []).append(bpd(nats.float().cpu()))
     # the passes' estimates of one image are averaged first: the standard error is over distinct images
@@ -575,9 +576,10 @@ def train(cfg, method, data, ckpt, rank, world):
 
 def weight_settings(cfg, method):
     """The flags that shape the trained weights: a checkpoint trained with others is refused."""
+    prior = f"mixture of {cfg.prior_components}" if method == "vadd" and cfg.prior == "mixture" else None
     keys = ("channels", "channel_mult", "num_res_blocks", "attn_res", "patch", "time_cond", "schedule",
             "objective", "train_steps") + (("latent_dim",) if method == "vadd" else ())
-    return {"method": method, **{k: getattr(cfg, k) for k in keys}}
+    return {"method": method, "prior": prior, **{k: getattr(cfg, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------------------------------------

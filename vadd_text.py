@@ -3,7 +3,7 @@ likelihoods, on one process or many (torchrun).
 
 A sequence is --block-size tokens. MDM's denoiser predicts every masked position independently, so a sampler
 with few steps writes tokens that do not agree with each other; VADD conditions the denoiser (a DiT) on a
-latent z, one per sequence, inferred in training by a recognition transformer and drawn from N(0, I) when
+latent z, one per sequence, inferred in training by a recognition transformer and drawn from its prior when
 sampling.
 
     python vadd_text.py                     # tiny-shakespeare, MDM then VADD; a 6-layer DiT on a GPU
@@ -39,14 +39,17 @@ import common
 PRESETS = {  # sizes and budget; each value can be overridden by its flag. docs/text.md says how each was sized
     # cpu: a 4-layer DiT on characters, small enough for a 2-core CPU
     "cpu": dict(layers=4, width=128, heads=4, cond_dim=64, latent_dim=32, dropout=0.0, tokenizer="char",
+                rec_layers=2, rec_width=64, rec_heads=2,  # as good as 4 x 128 at 38% less time (docs/text.md)
                 block_size=128, max_iters=1000, batch_size=32, lr=1e-3, warmup_iters=100, ema=0.99,
                 num_eval=256, iw_samples=8, log_interval=50, eval_interval=500, ckpt_interval=500),
     # gpu (text files): nanoGPT's Shakespeare-character model, 6 layers x 384, for corpora of about 1M tokens
     "gpu": dict(layers=6, width=384, heads=6, cond_dim=128, latent_dim=64, dropout=0.2, tokenizer="char",
+                rec_layers=2, rec_width=256, rec_heads=4,  # VADD's training FLOPs 1.17 x MDM's (2.0 at 6 x 384)
                 block_size=256, max_iters=5000, batch_size=64, lr=1e-3, warmup_iters=100, ema=0.999,
                 num_eval=512, iw_samples=16, log_interval=100, eval_interval=1000, ckpt_interval=1000),
     # mdlm (openwebtext, lm1b): MDLM-small's DiT with GPT-2 tokens and MDLM's AdamW; z of 512 as in VADD
     "mdlm": dict(layers=12, width=768, heads=12, cond_dim=128, latent_dim=512, dropout=0.1, tokenizer="gpt2",
+                 rec_layers=4, rec_width=768, rec_heads=12,  # VADD's training FLOPs 1.25 x MDM's (1.75: 12 x 768)
                  block_size=256, max_iters=5000, batch_size=64, lr=3e-4, warmup_iters=200, ema=0.999,
                  num_eval=512, iw_samples=16, log_interval=100, eval_interval=1000, ckpt_interval=1000),
 }
@@ -81,7 +84,7 @@ def build_parser():
         a(f"--{name}", type=whole(low), help=what + preset)
     a("--dropout", type=number(0, 1), help="dropout in the blocks" + preset)
     for name, low in (("layers", 1), ("width", 2), ("heads", 1)):
-        a(f"--rec-{name}", type=whole(low), help=f"recognition model {name} (default: the denoiser's)")
+        a(f"--rec-{name}", type=whole(low), help=f"recognition model {name}" + preset)
     a("--time-cond", action="store_true", help="condition the denoiser on t too (off, as MDLM: the optimal "
       "denoiser needs only x_t, and the samplers reuse its output while a sequence does not change)")
     a("--cache-dir", default=os.path.expanduser("~/.cache/vadd/text"), help="where downloads and tokens are kept")
@@ -99,8 +102,6 @@ def parse_config(argv=None):
     block_size = BLOCK_SIZE.get(first.data, PRESETS[first.preset]["block_size"])
     p.set_defaults(**{**PRESETS[first.preset], "preset": first.preset, "block_size": block_size})
     cfg = p.parse_args(argv)
-    for key in ("layers", "width", "heads"):
-        setattr(cfg, f"rec_{key}", getattr(cfg, f"rec_{key}") or getattr(cfg, key))
     for prefix, width, heads in [("", cfg.width, cfg.heads), ("rec-", cfg.rec_width, cfg.rec_heads)]:
         if width % heads or (width // heads) % 2:
             p.error(f"--{prefix}width {width} must split into --{prefix}heads {heads} heads of even size (rotary "
@@ -241,8 +242,12 @@ def prepare_text_file(path, folder, tokenizer):
 def download_parquet(name, folder):
     """SOURCES[name]'s parquet files, downloaded once into `folder`: {split: paths in order}."""
     repo, revision, patterns, _ = SOURCES[name]
-    need("huggingface_hub").snapshot_download(repo, repo_type="dataset", revision=revision,
-                                              allow_patterns=list(patterns.values()), local_dir=folder)
+    try:
+        need("huggingface_hub").snapshot_download(repo, repo_type="dataset", revision=revision,
+                                                  allow_patterns=list(patterns.values()), local_dir=folder)
+    except OSError as e:  # no network, a failed request (requests' and the hub's errors are OSErrors)
+        raise SystemExit(f"cannot download {repo} at {revision} ({str(e).splitlines()[0]}): check the network, "
+                         f"then run --prepare again (finished files are kept)")
     return {split: sorted(glob.glob(os.path.join(folder, pattern))) for split, pattern in patterns.items()}
 
 
@@ -502,6 +507,7 @@ class Model(nn.Module):
         self.schedule = common.Schedule(cfg.schedule)
         self.denoiser = Denoiser(vocab_size, cfg, self.latent_dim)
         self.recognition = Recognition(vocab_size, cfg) if self.latent_dim else None
+        self.prior = common.Prior(self.latent_dim, cfg.prior, cfg.prior_components) if method == "vadd" else None
 
     def denoise(self, xt, t, z):
         return self.denoiser(xt, t, z)
@@ -509,7 +515,7 @@ class Model(nn.Module):
     def forward(self, x0, kl_weight):
         if self.objective == "steps":  # the valid bound of the K-step consistency sampler (docs/method.md)
             return common.steps_loss(x0, self.denoise, self.schedule, self.mask_id, self.train_steps,
-                                     self.recognition, kl_weight)
+                                     self.recognition, kl_weight, self.prior)
         return delbo(self, x0, kl_weight)
 
 
@@ -517,7 +523,7 @@ class Model(nn.Module):
 # Objective: the paper's DELBO (docs/method.md; without z, MDM's NELBO); --objective steps: Model.forward
 
 def delbo(model, x0, kl_weight):
-    """Per sequence: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
+    """Per sequence: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || p(z))),
     t drawn low-discrepancy over the batch, x_t ~ q(x_t | x0), z ~ r reparameterised. Returns (loss, kl) per
     sequence in nats; the KL, not weighted by w(t), is logged to watch for posterior collapse."""
     t = common.sample_times(x0.shape[0], model.schedule.eps, x0.device)
@@ -525,8 +531,7 @@ def delbo(model, x0, kl_weight):
     masked = xt == model.mask_id
     z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
     if model.recognition is not None:
-        mean, logvar = model.recognition(x0, masked)
-        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
+        z, kl = common.draw_latent(*model.recognition(x0, masked), model.prior)
     nll = common.masked_nll(model.denoise(xt, t, z), x0, masked)
     return model.schedule.weight(t) * (nll + kl_weight * kl), kl
 
@@ -540,7 +545,7 @@ def no_latent(z, num, model):
 
 
 def fresh_latent(z, num, model):
-    return torch.randn(num, model.latent_dim, device=next(model.parameters()).device)
+    return model.prior.sample(num, next(model.parameters()).device)
 
 
 def one_latent(z, num, model):
@@ -601,11 +606,12 @@ def likelihoods(model, x0, cfg):
             batch = {"mdm_nelbo" if rec is None else "delbo": loss / L}
             if rec is not None:
                 batch["kl"] = kl
-                batch["iw_delbo"] = common.iw_delbo(x, model.denoise, rec, model.schedule, V, cfg.iw_samples) / L
+                batch["iw_delbo"] = common.iw_delbo(x, model.denoise, rec, model.schedule, V, cfg.iw_samples,
+                                                    prior=model.prior) / L
             for sampler in [s for s, (_, m, _) in SAMPLERS.items() if m == model.method]:
                 for T in cfg.steps:
                     batch[sampler, T] = common.step_bound(x, model.denoise, model.schedule, V, T, rec, sampler,
-                                                          exact=cfg.exact_bounds) / L
+                                                          exact=cfg.exact_bounds, prior=model.prior) / L
         for key, v in batch.items():
             values.setdefault(key, []).append(v.float().cpu())
     return {key: common.mean_se(v, device) for key, v in values.items()}
@@ -784,10 +790,11 @@ def train(cfg, method, train_ids, val_x0, ckpt, rank, world):
 
 def weight_settings(cfg, method):
     """The flags that shape the trained weights: a checkpoint trained with others is refused."""
+    prior = f"mixture of {cfg.prior_components}" if method == "vadd" and cfg.prior == "mixture" else None
     keys = ("data", "tokenizer", "vocab_size", "block_size", "layers", "width", "heads", "cond_dim", "time_cond",
             "schedule", "objective", "train_steps")
     keys += ("latent_dim", "rec_layers", "rec_width", "rec_heads") if method == "vadd" else ()
-    return {"method": method, **{k: getattr(cfg, k) for k in keys}}
+    return {"method": method, "prior": prior, **{k: getattr(cfg, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import common
 def parse_config(argv=None):
     p = common.parser(__doc__)
     a, whole = p.add_argument, common.whole
-    a("--dataset", default="checkerboard", help="2D distribution (default %(default)s)",
-      choices=("checkerboard", "swissroll", "circles"))
+    a("--dataset", choices=("checkerboard", "swissroll", "circles"), default="checkerboard",
+      help="2D distribution (default %(default)s)")
     a("--bins", type=whole(2), default=64, help="bins per coordinate over [-4, 4], the vocabulary V (default 64)")
     a("--steps", type=common.counts, default="1,2,5,10,100", help="denoising step counts to evaluate, e.g. 1,5")
     a("--num-samples", type=whole(), default=50_000, help="points drawn per sampler and step count")
@@ -71,8 +71,8 @@ def histogram(tokens, bins):
 
 
 def reference_distribution(cfg):
-    """The dataset's distribution on the grid: the histogram of --ref-points points drawn with a fixed seed (10
-    million take about half a second), so every run and every sampler is measured against the same reference."""
+    """The dataset's distribution on the grid: the histogram of --ref-points points from a fixed seed, so every
+    run and every sampler is measured against the same reference."""
     rng, counts = np.random.default_rng(20250522), np.zeros((cfg.bins, cfg.bins), np.int64)
     for first in range(0, cfg.ref_points, 1_000_000):
         n = min(1_000_000, cfg.ref_points - first)
@@ -158,6 +158,7 @@ class Model(nn.Module):
         self.schedule = common.Schedule(cfg.schedule)
         self.denoiser = Denoiser(cfg.bins, cfg.width, cfg.depth, self.latent_dim)
         self.recognition = Recognition(cfg.bins, cfg.width, self.latent_dim) if self.latent_dim else None
+        self.prior = common.Prior(self.latent_dim, cfg.prior, cfg.prior_components) if method == "vadd" else None
 
     def denoise(self, xt, t, z):
         return self.denoiser(xt, z)  # no time input (see Denoiser)
@@ -165,7 +166,7 @@ class Model(nn.Module):
     def forward(self, x0, kl_weight):
         if self.objective == "steps":  # the valid bound of the K-step consistency sampler (docs/method.md)
             return common.steps_loss(x0, self.denoise, self.schedule, self.mask_id, self.train_steps,
-                                     self.recognition, kl_weight)
+                                     self.recognition, kl_weight, self.prior)
         return delbo(self, x0, kl_weight)
 
 
@@ -173,7 +174,7 @@ class Model(nn.Module):
 # Objective: the paper's DELBO (docs/method.md; MDM's NELBO is the same without z)
 
 def delbo(model, x0, kl_weight):
-    """Per point: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || N(0, I))),
+    """Per point: w(t) * (sum_masked -log mu(x0 | x_t, z) + kl_weight * KL(r(z | x0, x_t) || p(z))),
     with t drawn low-discrepancy, x_t ~ q(x_t | x0), z ~ r reparameterised. Returns (loss, kl) per point;
     the KL, unweighted by w(t), is logged to watch for posterior collapse."""
     t = common.sample_times(x0.shape[0], model.schedule.eps, x0.device)
@@ -181,8 +182,7 @@ def delbo(model, x0, kl_weight):
     masked = xt == model.mask_id
     z, kl = None, torch.zeros(x0.shape[0], device=x0.device)
     if model.recognition is not None:
-        mean, logvar = model.recognition(x0, masked)
-        z, kl = common.sample_latent(mean, logvar), common.gaussian_kl(mean, logvar)
+        z, kl = common.draw_latent(*model.recognition(x0, masked), model.prior)
     nll = common.masked_nll(model.denoise(xt, t, z), x0, masked)
     return model.schedule.weight(t) * (nll + kl_weight * kl), kl
 
@@ -196,7 +196,7 @@ def no_latent(z, num, model):
 
 
 def fresh_latent(z, num, model):
-    return torch.randn(num, model.latent_dim, device=next(model.parameters()).device)
+    return model.prior.sample(num, next(model.parameters()).device)
 
 
 def one_latent(z, num, model):
@@ -257,11 +257,11 @@ def likelihoods(model, x0, cfg):
     figures = {"delbo" if vadd else "mdm_nelbo": common.mean_se([delbo(model, x, 1.0)[0] for x in parts])}
     if vadd:
         figures["iw_delbo"] = common.mean_se(common.iw_delbo(x0, model.denoise, model.recognition, model.schedule,
-                                                             model.mask_id, cfg.iw_samples))
+                                                             model.mask_id, cfg.iw_samples, prior=model.prior))
     for sampler in [s for s, (_, method, _) in SAMPLERS.items() if method == model.method]:
         for T in cfg.steps:
             bounds = [common.step_bound(x, model.denoise, model.schedule, model.mask_id, T, model.recognition,
-                                        sampler, exact=True) for x in parts]
+                                        sampler, exact=True, prior=model.prior) for x in parts]
             figures[sampler, T] = common.mean_se(bounds)
     return figures
 
@@ -337,8 +337,9 @@ def train(cfg, method, ckpt=None):
 
 def weight_settings(cfg, method):
     """The flags that shape the trained weights: a checkpoint trained with others is refused."""
+    prior = f"mixture of {cfg.prior_components}" if method == "vadd" and cfg.prior == "mixture" else None
     keys = ("dataset", "bins", "width", "depth", "latent_dim", "schedule", "objective", "train_steps")
-    return {"method": method, **{k: getattr(cfg, k) for k in keys}}
+    return {"method": method, "prior": prior, **{k: getattr(cfg, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,9 +357,8 @@ def main(argv=None):
     heldout = draw_tokens(cfg.dataset, cfg.num_eval, cfg.bins, np.random.default_rng(cfg.seed + 2))
     data = {"entropy": float(-np.sum(reference[reference > 0] * np.log(reference[reference > 0]))),
             "noise_floor_js": sample_metrics(data_tokens, reference)["js"]}
-    metrics = {"unit": "nats per point", "data": data, "config": {}, "likelihood": {}, "training": {},
-               "by_steps": []}
-    histories = {}
+    metrics, histories = {"unit": "nats per point", "data": data, "config": {}, "likelihood": {}, "training": {},
+                          "by_steps": []}, {}
     for method in methods:
         model, histories[method], metrics["training"][method] = train(cfg, method, checkpoints[method])
         metrics["config"][method] = dict(vars(cfg))

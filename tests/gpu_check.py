@@ -75,8 +75,9 @@ def script_argv(name, data, smoke):
         return ["--steps", "1,5", "--num-samples", "2000" if smoke else "50000", "--num-eval", "500",
                 "--iw-samples", "4", "--ref-points", "100000"] + (["--width", "32"] if smoke else [])
     if name == "text":
-        tiny = ["--preset", "cpu", "--layers", "1", "--width", "32", "--heads", "2", "--block-size", "64",
-                "--batch-size", "4", "--num-eval", "4"]
+        tiny = ["--preset", "cpu", "--layers", "1", "--width", "32", "--heads", "2", "--rec-layers", "1",
+                "--rec-width", "32", "--rec-heads", "2", "--block-size", "64", "--batch-size", "4",
+                "--num-eval", "4"]
         real = ["--preset", "mdlm", "--block-size", "1024", "--num-eval", "16"]  # MDLM's OpenWebText shape
         return [*(tiny if smoke else real), "--data", data["text"], "--eval-model", "none", "--steps", "1,10",
                 "--num-samples", "8", "--iw-samples", "4", "--eval-interval", "1000"]

@@ -87,3 +87,27 @@ def reverse_step_probs(xt, logits, alpha_t, alpha_s, mask_id):
                             (1 - p) * torch.ones(*xt.shape, 1, dtype=torch.float64)], -1)
     copied_row = F.one_hot(xt.clamp_max(V), V + 1).double()
     return torch.where((xt == mask_id).unsqueeze(-1), masked_row, copied_row)
+
+
+def mixture_log_prob_by_hand(prior, z):
+    """log sum_k w_k prod_j N(z_j; m_kj, exp(v_kj)) with w = softmax(logits), written out in float64."""
+    weights = torch.softmax(prior.logits.detach().double(), -1)
+    means, logvars = prior.means.detach().double(), prior.logvars.detach().double()
+    out = []
+    for row in z.double():
+        density = sum(weights[k] * torch.prod(torch.exp(-0.5 * (row - means[k]) ** 2 / logvars[k].exp())
+                                              / torch.sqrt(2 * math.pi * logvars[k].exp()))
+                      for k in range(len(weights)))
+        out.append(torch.log(density))
+    return torch.stack(out)
+
+
+def random_mixture(dim, components, seed=0):
+    """A mixture prior whose means, log-variances and weights are all different (not its initialisation)."""
+    prior = common.Prior(dim, "mixture", components)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        prior.means.copy_(torch.randn(components, dim, generator=g))
+        prior.logvars.copy_(0.5 * torch.randn(components, dim, generator=g))
+        prior.logits.copy_(torch.randn(components, generator=g))
+    return prior

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import common
-from helpers import TableModel, fix_draws, kl_by_hand, log_normal, nll_by_hand, reverse_step_probs
+from helpers import (TableModel, fix_draws, kl_by_hand, log_normal, mixture_log_prob_by_hand, nll_by_hand,
+                     random_mixture, reverse_step_probs)
 
 
 def schedule_names():
@@ -148,6 +149,47 @@ def test_gaussian_kl_closed_form_against_monte_carlo():
     assert mc.item() == pytest.approx(common.gaussian_kl(mean, logvar).item(), abs=0.01)
 
 
+def test_mixture_prior_log_density_is_the_weighted_sum_of_its_gaussians_by_hand():
+    prior, z = random_mixture(3, 4), torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(prior.log_prob(z).double(), mixture_log_prob_by_hand(prior, z), atol=1e-5)
+    gaussian = common.Prior(3)
+    assert list(gaussian.parameters()) == []  # N(0, I): nothing learned, nothing in the checkpoint
+    assert torch.allclose(gaussian.log_prob(z), log_normal(z, torch.zeros(3), torch.zeros(3)))
+
+
+def test_mixture_prior_draws_follow_its_components():
+    """Draws land on the components in proportion to their weights, each with its mean and variance."""
+    torch.manual_seed(2)
+    prior = common.Prior(2, "mixture", 2)
+    with torch.no_grad():
+        prior.means.copy_(torch.tensor([[-10.0, 0.0], [10.0, 5.0]]))
+        prior.logvars.copy_(torch.tensor([[0.0, 0.0], [math.log(4.0), math.log(0.25)]]))
+        prior.logits.copy_(torch.tensor([0.0, math.log(3.0)]))  # weights 1/4, 3/4
+    z = prior.sample(40_000, "cpu")
+    right = z[:, 0] > 0
+    assert right.float().mean().item() == pytest.approx(0.75, abs=0.01)
+    assert z[right].mean(0).tolist() == pytest.approx([10.0, 5.0], abs=0.05)
+    assert z[right].var(0).tolist() == pytest.approx([4.0, 0.25], rel=0.05)
+    assert z[~right].mean(0).tolist() == pytest.approx([-10.0, 0.0], abs=0.05)
+
+
+def test_single_draw_kl_to_a_standard_one_component_mixture_has_the_closed_form_mean():
+    """log r(z) - log p(z) at z ~ r is unbiased for KL(r || p): with one N(0, I) component its mean over many
+    draws is the closed form, per example."""
+    torch.manual_seed(3)
+    prior = common.Prior(3, "mixture", 1)
+    with torch.no_grad():
+        prior.means.zero_()
+    mean = torch.tensor([[0.5, -1.0, 0.2], [0.0, 2.0, -0.3]])
+    logvar = torch.tensor([[-0.5, 0.3, 0.0], [1.0, -1.0, 0.2]])
+    n = 100_000
+    means, logvars = mean.repeat(n, 1), logvar.repeat(n, 1)
+    estimate = common.latent_kl(means, logvars, common.sample_latent(means, logvars), prior).view(n, 2).double()
+    se = estimate.std(0) / math.sqrt(n)
+    assert torch.all((estimate.mean(0) - common.gaussian_kl(mean, logvar)).abs() < 4 * se)
+    assert torch.equal(common.latent_kl(mean, logvar, None, common.Prior(3)), common.gaussian_kl(mean, logvar))
+
+
 def test_masked_nll_counts_only_masked_positions():
     x0 = torch.tensor([[0, 1, 2]])
     logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]] * 3]))
@@ -227,15 +269,18 @@ def test_each_t_step_bound_is_its_expectation_by_enumeration(sampler):
             assert torch.all((mean - exact).abs() <= 4.5 * se + 1e-6), (T, summed, mean, exact, se)
 
 
-def test_iw_delbo_is_its_formula_by_hand(monkeypatch):
+@pytest.mark.parametrize("mixture", [False, True])
+def test_iw_delbo_is_its_formula_by_hand(monkeypatch, mixture):
     """w(t) * -(logsumexp_k [log mu(x0 | x_t, z_k) + log p(z_k) - log r(z_k)] - log K) with z_k = mean + std
-    eps_k, eps of shape (K, B, d) drawn first: a missing w(t) or a flipped log p - log r fails."""
+    eps_k, eps of shape (K, B, d) drawn first, p = N(0, I) or a mixture: a missing w(t), a flipped
+    log p - log r or the Gaussian's log p under a mixture prior fails."""
     model, schedule, K = TableModel(z_weight=1.0), common.Schedule("linear"), 5
+    prior = random_mixture(model.d, 3) if mixture else None
     x0 = torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 1], [1, 1, 1]])
     t = torch.tensor([0.3, 0.55, 0.8, 0.95])
     mask = fix_draws(monkeypatch, t)
     torch.manual_seed(12)
-    got = common.iw_delbo(x0, model.denoise, model.recognize, schedule, model.V, K)
+    got = common.iw_delbo(x0, model.denoise, model.recognize, schedule, model.V, K, prior=prior)
     torch.manual_seed(12)
     eps = torch.randn(K, len(x0), model.d)
     xt = mask(x0, schedule.alpha(t), model.V)
@@ -243,7 +288,9 @@ def test_iw_delbo_is_its_formula_by_hand(monkeypatch):
     mean, logvar = model.recognize(x0, masked)
     z = mean + torch.exp(0.5 * logvar) * eps
     zeros = torch.zeros_like(mean)
-    log_w = torch.stack([-nll_by_hand(model.denoise(xt, t, z[k]), x0, masked) + log_normal(z[k], zeros, zeros)
+    log_p = [mixture_log_prob_by_hand(prior, z[k]) if mixture else log_normal(z[k], zeros, zeros)
+             for k in range(K)]
+    log_w = torch.stack([-nll_by_hand(model.denoise(xt, t, z[k]), x0, masked) + log_p[k]
                          - log_normal(z[k], mean, logvar) for k in range(K)]).double()
     expected = (1 / t.double()) * -(torch.logsumexp(log_w, 0) - math.log(K))
     assert torch.allclose(got.double(), expected, rtol=1e-5), (got, expected)

@@ -7,6 +7,7 @@ import functools
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,9 +45,9 @@ def tiny_model(name, tmp_path, method):
     return model.eval(), x0, mask_id, schedule, delbo
 
 
-def build(name, tmp_path, method):
+def build(name, tmp_path, method, *extra):
     m = MODULES[name]
-    cfg = m.parse_config(tiny_args(name, tmp_path))
+    cfg = m.parse_config(tiny_args(name, tmp_path, *extra))
     torch.manual_seed(0)
     if name == "toy":
         model, x0 = m.Model(cfg, method), torch.randint(0, cfg.bins, (4, 2))
@@ -84,6 +85,40 @@ def test_delbo_is_its_formula_by_hand(name, method, tmp_path, monkeypatch):
         assert kl_hand.min() > 1  # r is far from the prior
         kl_part = loss.double() / schedule.weight(t.double()) - nll
         assert torch.allclose(kl_part, 0.3 * kl_hand, rtol=1e-3, atol=1e-5 * nll.max().item()), (kl_part, kl_hand)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+@pytest.mark.parametrize("objective", ["delbo", "steps"])
+def test_a_mixture_prior_is_learned_with_the_model_and_sampled_from(name, objective, tmp_path):
+    """The objective's gradient reaches every parameter of the mixture (its KL is log r(z) - log p(z)), and
+    both VADD samplers draw their z from it."""
+    model, x0, *_ = build(name, tmp_path, "vadd", "--prior", "mixture", "--prior-components", "2",
+                          "--objective", objective)
+    loss, kl = model(x0, torch.tensor(1.0))
+    loss.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.prior.parameters())
+    with torch.no_grad():
+        model.prior.means.fill_(7.0)
+        model.prior.logvars.fill_(math.log(1e-4))
+    for sampler in ("vadd", "vadd_cs"):
+        z = MODULES[name].SAMPLERS[sampler][2](None, 50, model)
+        assert z.shape == (50, model.latent_dim) and torch.allclose(z, torch.full_like(z, 7.0), atol=0.1)
+
+
+@pytest.mark.parametrize("name", ["text", "mnist", "cifar"])
+def test_a_mixture_prior_is_saved_and_restored_with_the_model(name, tmp_path):
+    """--eval-only after training gives the very figures and samples of the run: the learned prior (its EMA)
+    came back from the checkpoint with the networks."""
+    args = tiny_args(name, tmp_path, "--method", "vadd", "--prior", "mixture", "--prior-components", "3")
+    trained = MODULES[name].main(args)
+    out = tmp_path / "out"
+    saved = {path.name: np.load(path) for path in out.glob("samples_vadd*.npy")}
+    assert len(saved) >= 2
+    assert torch.load(out / "ckpt_vadd.pt", weights_only=True)["ema"]["params"]["prior.means"].shape[0] == 3
+    evaluated = MODULES[name].main(args + ["--eval-only"])
+    assert evaluated["likelihood"]["vadd"] == trained["likelihood"]["vadd"]
+    for file, samples in saved.items():
+        assert np.array_equal(np.load(out / file), samples), file
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -271,7 +306,8 @@ def test_numbers_that_are_not_finite_are_refused(name, flag, value, tmp_path, ca
 
 
 @pytest.mark.parametrize("name, flag", [("toy", "--num-eval"), ("text", "--num-eval"), ("mnist", "--num-eval"),
-                                        ("mnist", "--val-images"), ("cifar", "--num-eval"), ("cifar", "--val-images")])
+                                        ("mnist", "--val-images"), ("cifar", "--num-eval"),
+                                        ("cifar", "--val-images")])
 def test_fewer_evaluation_examples_than_processes_are_refused(name, flag, tmp_path, capsys, monkeypatch):
     """torchrun's WORLD_SIZE 2: a process without an example would fail or skip a collective."""
     monkeypatch.setenv("WORLD_SIZE", "2")

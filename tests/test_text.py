@@ -51,6 +51,7 @@ def write_text(path, n_words=3000, seed=0):
 
 def tiny_args(tmp_path, data, *extra):
     return ["--data", str(data), "--preset", "cpu", "--layers", "1", "--width", "32", "--heads", "2",
+            "--rec-layers", "1", "--rec-width", "32", "--rec-heads", "2",
             "--cond-dim", "16", "--latent-dim", "4", "--block-size", "16", "--max-iters", "6", "--batch-size", "8",
             "--warmup-iters", "2", "--num-eval", "8", "--eval-batch", "8", "--num-samples", "4",
             "--sample-batch", "4",
@@ -234,6 +235,19 @@ def test_a_source_with_other_row_counts_is_refused_and_leaves_no_tokens(tmp_path
                                          r"download is incomplete or the source changed"):
         prepare_openwebtext(tmp_path, monkeypatch, rows=31)
     assert os.listdir(tmp_path / "cache") == ["openwebtext-parquet"]
+
+
+def test_a_failed_download_of_the_parquet_files_is_one_sentence(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+
+    def offline(*args, **kwargs):
+        raise hub.errors.LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    with pytest.raises(SystemExit, match=r"cannot download billion-word-benchmark/lm1b at refs/convert/parquet "
+                                         r"\(Got: ConnectError: .*\): check the network, then run --prepare"):
+        vt.main(["--data", "lm1b", "--prepare", "--cache-dir", str(tmp_path / "cache")])
+    assert not (tmp_path / "cache" / "lm1b").exists()
 
 
 def test_unprepared_data_stops_every_rank_before_the_process_group(tmp_path, monkeypatch):
@@ -440,10 +454,12 @@ def small_cfg(tmp_path, *extra):
 def test_presets_fit_the_data_and_flags_given_win(tmp_path, monkeypatch):
     """Where CUDA is, a text file gets nanoGPT's Shakespeare-character model and OpenWebText / LM1B get
     MDLM-small; without CUDA the cpu preset; a preset or a flag given wins."""
-    cpu = small_cfg(tmp_path, "--width", "64", "--rec-heads", "2")  # tiny_args: --preset cpu --layers 1 ...
+    cpu = small_cfg(tmp_path, "--width", "64", "--rec-heads", "4")  # tiny_args: --preset cpu --layers 1 ...
     assert (cpu.layers, cpu.width, cpu.heads, cpu.cond_dim, cpu.latent_dim, cpu.dropout) == (1, 64, 2, 16, 4, 0.0)
-    assert (cpu.rec_layers, cpu.rec_width, cpu.rec_heads) == (1, 64, 2)
+    assert (cpu.rec_layers, cpu.rec_width, cpu.rec_heads) == (1, 32, 4)
     base = ["--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    cpu = vt.parse_config(["--data", "shakespeare", "--preset", "cpu", *base])
+    assert (cpu.layers, cpu.width, cpu.rec_layers, cpu.rec_width, cpu.rec_heads) == (4, 128, 2, 64, 2)
     monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda precision: None)  # no global change
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = vt.parse_config(["--data", "shakespeare", *base])
@@ -458,6 +474,17 @@ def test_presets_fit_the_data_and_flags_given_win(tmp_path, monkeypatch):
     assert vt.parse_config(["--data", "openwebtext", "--preset", "gpu", *base]).width == 384
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert vt.parse_config(["--data", "openwebtext", *base]).preset == "cpu"
+
+
+@pytest.mark.parametrize("preset, vocab_size, block_size", [("gpu", 65, 256), ("mdlm", 50257, 1024)])
+def test_gpu_presets_keep_vadd_within_1_3_times_mdm_training_flops(preset, vocab_size, block_size):
+    """The recognition of the GPU presets is sized so that VADD's training FLOPs per token are at most 1.3
+    times MDM's (built on the meta device: shapes only)."""
+    cfg = vt.parse_config(["--preset", preset, "--device", "cpu"])
+    with torch.device("meta"):
+        mdm, vadd = vt.Model(cfg, "mdm", vocab_size), vt.Model(cfg, "vadd", vocab_size)
+    ratio = vt.flops_per_token(vadd, block_size) / vt.flops_per_token(mdm, block_size)
+    assert 1.1 < ratio <= 1.3
 
 
 def test_fresh_denoiser_is_uniform_over_real_tokens(tmp_path):
