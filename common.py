@@ -448,9 +448,10 @@ def finish_config(cfg, parser):
     cfg.compile = cuda if cfg.compile is None else cfg.compile
     cfg.kl_warmup = cfg.max_iters // 2 if cfg.kl_warmup is None else cfg.kl_warmup
     world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
-    if cfg.batch_size % (world * getattr(cfg, "grad_accum", 1)):
-        parser.error(f"--batch-size {cfg.batch_size} must split evenly over {world} process(es) x --grad-accum "
-                     f"{cfg.grad_accum} micro-batches")
+    accum = getattr(cfg, "grad_accum", None)  # the toy has no --grad-accum
+    if cfg.batch_size % (world * (accum or 1)):
+        parser.error(f"--batch-size {cfg.batch_size} must split evenly over {world} process(es)"
+                     + (f" x --grad-accum {accum} micro-batches" if accum else ""))
     for key in ("num_eval", "val_images"):  # a process without examples would fail or skip a collective
         if 0 < getattr(cfg, key, world) < world:
             parser.error(f"--{key.replace('_', '-')} {getattr(cfg, key)} is fewer than the {world} processes: "

@@ -318,6 +318,14 @@ def test_fewer_evaluation_examples_than_processes_are_refused(name, flag, tmp_pa
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as e:
+        MODULES[name].main(tiny_args(name, tmp_path, "--batch-size", "64"))
+    assert e.value.code == 2 and "--batch-size 64 must split evenly over 3 process(es)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_after_a_nan_the_checkpoint_kept_is_the_last_finite_one(name, tmp_path, monkeypatch):
     module, calls = MODULES[name], []
     real = module.delbo
