@@ -166,18 +166,17 @@ def prepare_data(cfg):
     """--data's prepared folder, made first if needed, before any process group exists: rank 0 prepares a text
     file while the others wait for it to join; openwebtext and lm1b are prepared by --prepare alone (once, in
     parallel over the cores), and a run without them stops on every rank with that command."""
-    folder = prepared_folder(cfg)
-    if os.path.exists(folder) or int(os.environ.get("RANK", 0)) > 0 and cfg.data not in SOURCES:
+    folder, rank = prepared_folder(cfg), int(os.environ.get("RANK", 0))
+    if os.path.exists(folder) or (rank > 0 and cfg.data not in SOURCES):
         return folder
-    if cfg.data in SOURCES:
-        if not cfg.prepare:
-            raise SystemExit(f"--data {cfg.data} is not prepared in {folder}: run `python vadd_text.py --data "
-                             f"{cfg.data} --prepare` first (once, one process; it downloads and tokenises it)")
-        if int(os.environ.get("RANK", 0)) == 0:
-            prepare_hub(cfg.data, folder, cfg.cache_dir)
-    else:
+    if cfg.data not in SOURCES:
         path = download_shakespeare(cfg.cache_dir) if cfg.data == "shakespeare" else cfg.data
         prepare_text_file(path, folder, cfg.tokenizer)
+    elif not cfg.prepare:
+        raise SystemExit(f"--data {cfg.data} is not prepared in {folder}: run `python vadd_text.py --data "
+                         f"{cfg.data} --prepare` first (once, one process; it downloads and tokenises it)")
+    elif rank == 0:
+        prepare_hub(cfg.data, folder, cfg.cache_dir)
     return folder
 
 
