@@ -80,17 +80,18 @@ def script_argv(name, data, smoke):
                 "--num-eval", "4"]
         real = ["--preset", "mdlm", "--block-size", "1024", "--num-eval", "16"]  # MDLM's OpenWebText shape
         return [*(tiny if smoke else real), "--data", data["text"], "--eval-model", "none", "--steps", "1,10",
-                "--num-samples", "8", "--iw-samples", "4", "--eval-interval", "1000"]
+                "--num-samples", "2" if smoke else "8", "--iw-samples", "4",
+                "--eval-interval", "1000"]
     if name == "mnist":
         tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2", "--patch", "4",
                 "--attn-res", "4"]
         return [*(tiny if smoke else []), "--data", data["mnist"],
-                "--steps", "1,10", "--num-samples", "16" if smoke else "256",
+                "--steps", "1,10", "--num-samples", "4" if smoke else "256",
                 "--num-eval", "32" if smoke else "500",
                 "--val-images", "100", "--iw-samples", "4", "--eval-interval", "1000"]
     tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2", "--embed-dim", "4"]
     return [*(tiny if smoke else []), "--data", data["cifar"],
-            "--steps", "1,10", "--num-samples", "16" if smoke else "256", "--num-eval", "32" if smoke else "500",
+            "--steps", "1,10", "--num-samples", "4" if smoke else "256", "--num-eval", "32" if smoke else "500",
             "--val-images", "100", "--iw-samples", "4", "--eval-interval", "1000"]
 
 
