@@ -39,17 +39,18 @@ SIZE, V, MASK = 32, 2, 2  # padded image side, pixel values {0, 1}, the mask tok
 D = SIZE * SIZE  # tokens per image
 
 # The flags each --preset sets. The paper gives the task (threshold 0.5, 32 x 32, test bpd) but not the UNet or
-# the budget: gpu is our choice, sized like the small DDPM/MD4 UNets; cpu runs both methods in about 16 minutes
-# on 2 cores (README).
+# the budget: gpu is our choice, sized like the small DDPM/MD4 UNets, with a recognition of half the channels
+# (VADD's training FLOPs 1.11 times MDM's, 1.44 at full width); cpu runs both methods in about half an hour on 2
+# cores, its recognition as small as measurement allowed (docs/mnist.md).
 PRESETS = {
-    "gpu": dict(channels=64, channel_mult="1,2,2", num_res_blocks=2, attn_res="8", patch=1, dropout=0.1,
-                latent_dim=32, max_iters=100_000, batch_size=128, lr=2e-4, warmup_iters=1000, ema=0.9999,
-                val_images=5000, eval_batch=500, eval_repeats=1, eval_interval=5000, num_samples=1000,
+    "gpu": dict(channels=64, rec_channels=32, channel_mult="1,2,2", num_res_blocks=2, attn_res="8", patch=1,
+                dropout=0.1, latent_dim=32, max_iters=100_000, batch_size=128, lr=2e-4, warmup_iters=1000,
+                ema=0.9999, val_images=5000, eval_batch=500, eval_repeats=1, eval_interval=5000, num_samples=1000,
                 sample_batch=500, iw_samples=100, log_interval=500, ckpt_interval=5000),
-    "cpu": dict(channels=32, channel_mult="1,2", num_res_blocks=1, attn_res="8", patch=2, dropout=0.0,
-                latent_dim=16, max_iters=4000, batch_size=64, lr=1e-3, warmup_iters=100, ema=0.995, val_images=250,
-                eval_batch=250, eval_repeats=4, eval_interval=1000, num_samples=64, sample_batch=64, iw_samples=8,
-                log_interval=250, ckpt_interval=1000),
+    "cpu": dict(channels=32, rec_channels=16, channel_mult="1,2", num_res_blocks=1, attn_res="8", patch=2,
+                dropout=0.0, latent_dim=16, max_iters=4000, batch_size=64, lr=1e-3, warmup_iters=100, ema=0.995,
+                val_images=250, eval_batch=250, eval_repeats=4, eval_interval=1000, num_samples=64,
+                sample_batch=64, iw_samples=8, log_interval=250, ckpt_interval=1000),
 }
 
 
@@ -77,6 +78,7 @@ def build_parser():
     a("--eval-repeats", type=whole(), help="passes over the test set for the one-random-step estimates" + preset)
     # model
     a("--channels", type=whole(8), help="channels of the UNets' first level (a multiple of 8)" + preset)
+    a("--rec-channels", type=whole(8), help="the same for the recognition network" + preset)
     a("--channel-mult", type=common.counts, help="channel multiplier per UNet level; each halves the resolution"
       + preset)
     a("--num-res-blocks", type=whole(), help="residual blocks per UNet level" + preset)
@@ -96,11 +98,12 @@ def parse_config(argv=None):
     """Parse and check every flag before anything is written; a bad value stops with one sentence."""
     p = build_parser()
     preset = common.choose_preset(p.parse_args(argv), "a small UNet on 2 x 2 patches, 4000 iterations of 64 "
-                                  "images (about 16 minutes on 2 cores)")
+                                  "images (about half an hour on 2 cores)")
     p.set_defaults(**PRESETS[preset], preset=preset)  # the preset changes defaults; flags given still win
     cfg = p.parse_args(argv)
-    if cfg.channels % 8:
-        p.error(f"--channels {cfg.channels}: must be a multiple of 8 (group normalisation uses 8 groups)")
+    for flag, channels in (("--channels", cfg.channels), ("--rec-channels", cfg.rec_channels)):
+        if channels % 8:
+            p.error(f"{flag} {channels}: must be a multiple of 8 (group normalisation uses 8 groups)")
     if SIZE // cfg.patch % 2 ** (len(cfg.channel_mult) - 1):
         p.error(f"--channel-mult {cfg.channel_mult} with --patch {cfg.patch}: too many levels to halve "
                 f"{SIZE // cfg.patch} pixels")
@@ -238,11 +241,12 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """Embedded pixels (B, 32, 32, EMBED) folded into patch x patch cells, then residual blocks at halving
     resolutions (average pooling down, nearest up), one skip per level and a middle block with attention, all
-    modulated by c. decoder=False keeps the contracting half: the recognition network ("siamese")."""
+    modulated by c. decoder=False keeps the contracting half (with its own `channels`): the recognition network."""
 
-    def __init__(self, cfg, cond_dim, decoder=True):
+    def __init__(self, cfg, cond_dim, decoder=True, channels=None):
         super().__init__()
-        chans, res, self.patch = [cfg.channels * m for m in cfg.channel_mult], SIZE // cfg.patch, cfg.patch
+        base = channels or cfg.channels
+        chans, res, self.patch = [base * m for m in cfg.channel_mult], SIZE // cfg.patch, cfg.patch
 
         def level(c_in, c_out, res):
             layers = []
@@ -252,11 +256,11 @@ class UNet(nn.Module):
                     layers.append(Attention(c_out))
             return nn.ModuleList(layers)
 
-        self.stem = nn.Conv2d(EMBED * cfg.patch ** 2, cfg.channels, 3, padding=1)
+        self.stem = nn.Conv2d(EMBED * cfg.patch ** 2, base, 3, padding=1)
         # a learned embedding of position: convolutions alone know where they are only from the zero padding,
         # so neither a z that modulates channels could place strokes nor a pooled recognition locate them
-        self.position = nn.Parameter(0.1 * torch.randn(1, cfg.channels, res, res))
-        self.down, c = nn.ModuleList(), cfg.channels
+        self.position = nn.Parameter(0.1 * torch.randn(1, base, res, res))
+        self.down, c = nn.ModuleList(), base
         for i, ch in enumerate(chans):
             self.down.append(level(c, ch, res // 2 ** i))
             c = ch
@@ -331,7 +335,7 @@ class Recognition(nn.Module):
     def __init__(self, cfg, latent_dim):
         super().__init__()
         self.embed = nn.Embedding(2 * V, EMBED)
-        self.unet = UNet(cfg, 0, decoder=False)
+        self.unet = UNet(cfg, 0, decoder=False, channels=cfg.rec_channels)
         self.norm = nn.GroupNorm(8, self.unet.out_channels)
         self.out = nn.Linear(self.unet.out_channels, 2 * latent_dim)
         nn.init.zeros_(self.out.bias)
@@ -577,9 +581,10 @@ def train(cfg, method, data, ckpt, rank, world):
 def weight_settings(cfg, method):
     """The flags that shape the trained weights: a checkpoint trained with others is refused."""
     prior = f"mixture of {cfg.prior_components}" if method == "vadd" and cfg.prior == "mixture" else None
+    rec = cfg.rec_channels if method == "vadd" and cfg.rec_channels != cfg.channels else None  # None: the same
     keys = ("channels", "channel_mult", "num_res_blocks", "attn_res", "patch", "time_cond", "schedule",
             "objective", "train_steps") + (("latent_dim",) if method == "vadd" else ())
-    return {"method": method, "prior": prior, **{k: getattr(cfg, k) for k in keys}}
+    return {"method": method, "prior": prior, "rec_channels": rec, **{k: getattr(cfg, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def parse_config(argv=None):
     a("--num-eval", type=whole(), default=20_000, help="held-out data points for the likelihoods")
     a("--iw-samples", type=whole(), default=100, help="draws of z for the importance-weighted DELBO")
     a("--ref-points", type=whole(), default=10_000_000, help="data points in the reference histogram")
-    a("--width", type=whole(2), default=128, help="hidden width of both MLPs")
+    a("--width", type=whole(2), default=128, help="hidden width of the denoiser's MLP (default 128)")
+    a("--rec-width", type=whole(2), default=64, help="hidden width of the recognition MLP (default 64)")
     a("--depth", type=whole(0), default=2, help="residual blocks of the denoiser")
     a("--latent-dim", type=whole(), default=2, help="size of z (VADD)")
     common.add_training_flags(p, dict(max_iters=6000, batch_size=512, lr=2e-3, warmup_iters=100, ema=0.999,
@@ -92,9 +93,8 @@ class ResidualBlock(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
         self.modulation = nn.Linear(cond_width, 2 * width) if cond_width else None
-        if self.modulation is not None:
-            nn.init.zeros_(self.modulation.weight)
-            nn.init.zeros_(self.modulation.bias)
+        for p in self.modulation.parameters() if cond_width else ():
+            nn.init.zeros_(p)
 
     def forward(self, h, c=None):
         x = self.norm(h)
@@ -157,7 +157,7 @@ class Model(nn.Module):
         self.latent_dim, self.mask_id = cfg.latent_dim if method == "vadd" else 0, cfg.bins
         self.schedule = common.Schedule(cfg.schedule)
         self.denoiser = Denoiser(cfg.bins, cfg.width, cfg.depth, self.latent_dim)
-        self.recognition = Recognition(cfg.bins, cfg.width, self.latent_dim) if self.latent_dim else None
+        self.recognition = Recognition(cfg.bins, cfg.rec_width, self.latent_dim) if self.latent_dim else None
         self.prior = common.Prior(self.latent_dim, cfg.prior, cfg.prior_components) if method == "vadd" else None
 
     def denoise(self, xt, t, z):
@@ -338,8 +338,9 @@ def train(cfg, method, ckpt=None):
 def weight_settings(cfg, method):
     """The flags that shape the trained weights: a checkpoint trained with others is refused."""
     prior = f"mixture of {cfg.prior_components}" if method == "vadd" and cfg.prior == "mixture" else None
+    rec = cfg.rec_width if method == "vadd" and cfg.rec_width != cfg.width else None  # None: as --width
     keys = ("dataset", "bins", "width", "depth", "latent_dim", "schedule", "objective", "train_steps")
-    return {"method": method, "prior": prior, **{k: getattr(cfg, k) for k in keys}}
+    return {"method": method, "prior": prior, "rec_width": rec, **{k: getattr(cfg, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -83,13 +83,14 @@ def script_argv(name, data, smoke):
                 "--num-samples", "2" if smoke else "8", "--iw-samples", "4",
                 "--eval-interval", "1000"]
     if name == "mnist":
-        tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2", "--patch", "4",
-                "--attn-res", "4"]
+        tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--rec-channels", "8", "--channel-mult",
+                "1,2", "--patch", "4", "--attn-res", "4"]
         return [*(tiny if smoke else []), "--data", data["mnist"],
                 "--steps", "1,10", "--num-samples", "4" if smoke else "256",
                 "--num-eval", "32" if smoke else "500",
                 "--val-images", "100", "--iw-samples", "4", "--eval-interval", "1000"]
-    tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2", "--embed-dim", "4"]
+    tiny = ["--preset", "cpu", "--batch-size", "8", "--channels", "8", "--rec-channels", "8", "--channel-mult",
+            "1,2", "--embed-dim", "4"]
     return [*(tiny if smoke else []), "--data", data["cifar"],
             "--steps", "1,10", "--num-samples", "4" if smoke else "256", "--num-eval", "32" if smoke else "500",
             "--val-images", "100", "--iw-samples", "4", "--eval-interval", "1000"]

@@ -43,9 +43,9 @@ def tiny_args(tmp_path, *extra):
     data = tmp_path / "data"
     if not data.exists():
         write_cifar(data)
-    return ["--preset", "cpu", "--channels", "8", "--channel-mult", "1,2", "--attn-res", "16", "--embed-dim", "4",
-            "--latent-dim", "4", "--max-iters", "4", "--batch-size", "8", "--num-samples", "6",
-            "--sample-batch", "4",
+    return ["--preset", "cpu", "--channels", "8", "--rec-channels", "8", "--channel-mult", "1,2",
+            "--attn-res", "16", "--embed-dim", "4", "--latent-dim", "4", "--max-iters", "4", "--batch-size", "8",
+            "--num-samples", "6", "--sample-batch", "4",
             "--steps", "1,3", "--num-eval", "10", "--eval-batch", "5", "--iw-samples", "2", "--val-images", "8",
             "--log-interval", "2", "--eval-interval", "2", "--ckpt-interval", "2", "--data", str(data),
             "--out-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), *extra]

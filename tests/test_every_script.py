@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import torch.utils.flop_counter
 
 import common
 import test_cifar
@@ -135,6 +136,49 @@ def test_recognition_reads_x0_and_the_mask_and_returns_float32(name, tmp_path):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mean, logvar = model.recognition(x0, half)
     assert mean.dtype == logvar.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name, flag, first_layer", [
+    ("toy", "--rec-width", lambda r: r.net[0].out_features),
+    ("mnist", "--rec-channels", lambda r: r.unet.stem.out_channels),
+    ("cifar", "--rec-channels", lambda r: r.encoder.conv_in.out_channels)])
+def test_the_recognition_is_sized_on_its_own_and_its_checkpoints_say_so(name, flag, first_layer, tmp_path):
+    """The recognition flag changes the recognition model alone; a checkpoint is refused at another size, and
+    one saved before the flag existed (no such setting) loads at the denoiser's size (the tiny configs')."""
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    default, small = build(name, tmp_path, "vadd")[0], build(name, tmp_path, "vadd", flag, "16")[0]
+    assert first_layer(small.recognition) == 16 != first_layer(default.recognition)
+    assert count(small.denoiser) == count(default.denoiser)
+    module, run = MODULES[name], ("--method", "vadd", "--max-iters", "2", "--steps", "1")
+    module.main(tiny_args(name, tmp_path, *run, flag, "16"))
+    with pytest.raises(SystemExit, match=f"trained with {flag} 16 \\(now None\\)"):
+        module.main(tiny_args(name, tmp_path, *run, "--resume"))
+    module.main(tiny_args(name, tmp_path, *run, "--out-dir", str(tmp_path / "old")))
+    path = tmp_path / "old" / "ckpt_vadd.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"][flag[2:].replace("-", "_")]
+    torch.save(state, path)
+    module.main(tiny_args(name, tmp_path, *run, "--resume", "--out-dir", str(tmp_path / "old")))
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar"])
+def test_gpu_presets_keep_vadd_within_1_3_times_mdm_training_flops(name):
+    """Training runs each network forward and backward once per image, so VADD's training FLOPs over MDM's are
+    those of one forward pass: counted on the meta device (shapes only) for the gpu preset's networks."""
+    module = MODULES[name]
+    cfg = module.parse_config(["--preset", "gpu", "--device", "cpu"])
+    flops = {}
+    with torch.device("meta"):
+        x0 = torch.zeros((1, 32, 32) if name == "mnist" else (1, 32, 32, 3), dtype=torch.long)
+        for method in ("mdm", "vadd"):
+            model = module.Model(cfg, method)
+            z = torch.zeros(1, model.latent_dim) if model.latent_dim else None
+            with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+                model.denoise(x0, torch.ones(1), z)
+                if model.recognition is not None:
+                    model.recognition(x0, torch.zeros_like(x0, dtype=torch.bool))
+            flops[method] = counter.get_total_flops()
+    assert 1.0 < flops["vadd"] / flops["mdm"] <= 1.3
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -51,8 +51,8 @@ def tiny_args(tmp_path, *extra):
     data = tmp_path / "data"
     if not data.exists():
         write_mnist(data)
-    return ["--data", str(data), "--channels", "8", "--channel-mult", "1,2", "--patch", "4", "--attn-res", "4",
-            "--num-res-blocks", "1", "--latent-dim", "4", "--dropout", "0", "--max-iters", "6",
+    return ["--data", str(data), "--channels", "8", "--rec-channels", "8", "--channel-mult", "1,2", "--patch", "4",
+            "--attn-res", "4", "--num-res-blocks", "1", "--latent-dim", "4", "--dropout", "0", "--max-iters", "6",
             "--batch-size", "8",
             "--warmup-iters", "2", "--ema", "0.5", "--val-images", "16", "--num-eval", "16", "--eval-batch", "16",
             "--num-samples", "6", "--sample-batch", "6", "--steps", "1,3", "--iw-samples", "2",
@@ -375,6 +375,7 @@ def test_eval_only_and_sample_only_use_the_checkpoint_and_replace_the_methods_fi
 @pytest.mark.parametrize("extra, message", [
     (["--method", "ddpm"], "invalid choice: 'ddpm'"),
     (["--channels", "12"], "must be a multiple of 8"),
+    (["--rec-channels", "12"], "--rec-channels 12: must be a multiple of 8"),
     (["--steps", "0"], "positive whole number"),
     (["--channel-mult", "1,x"], "whole numbers separated by commas"),
     (["--channel-mult", "1,2,2,2,2"], "too many levels"),
