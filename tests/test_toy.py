@@ -16,8 +16,8 @@ from helpers import random_mixture
 
 def tiny_args(tmp_path, *extra):
     return ["--max-iters", "30", "--batch-size", "64", "--width", "32", "--rec-width", "32", "--depth", "1",
-            "--bins", "16", "--num-samples", "400", "--num-eval", "200", "--iw-samples", "4", "--ref-points", "50000",
-            "--steps", "1,2", "--log-interval", "10", "--ckpt-interval", "10",
+            "--bins", "16", "--num-samples", "400", "--num-eval", "200", "--iw-samples", "4",
+            "--ref-points", "50000", "--steps", "1,2", "--log-interval", "10", "--ckpt-interval", "10",
             "--out-dir", str(tmp_path / "out"), *extra]
 
 
