@@ -47,7 +47,7 @@ PRESETS = {
                 dropout=0.1, latent_dim=32, max_iters=100_000, batch_size=128, lr=2e-4, warmup_iters=1000,
                 ema=0.9999, val_images=5000, eval_batch=500, eval_repeats=1, eval_interval=5000, num_samples=1000,
                 sample_batch=500, iw_samples=100, log_interval=500, ckpt_interval=5000),
-    "cpu": dict(channels=32, rec_channels=16, channel_mult="1,2", num_res_blocks=1, attn_res="8", patch=2,
+    "cpu": dict(channels=32, rec_channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="8", patch=2,
                 dropout=0.0, latent_dim=16, max_iters=4000, batch_size=64, lr=1e-3, warmup_iters=100, ema=0.995,
                 val_images=250, eval_batch=250, eval_repeats=4, eval_interval=1000, num_samples=64,
                 sample_batch=64, iw_samples=8, log_interval=250, ckpt_interval=1000),
