@@ -85,6 +85,10 @@ def build_parser():
     a("--dropout", type=number(0, 1), help="dropout in the blocks" + preset)
     for name, low in (("layers", 1), ("width", 2), ("heads", 1)):
         a(f"--rec-{name}", type=whole(low), help=f"recognition model {name}" + preset)
+    a("--positions", choices=("rotary", "learned"), default="rotary", help="rotary: MDLM's DiT, which cannot tell "
+      "positions apart at an all-[M] input; learned: the denoiser also adds a learned embedding of each position, "
+      "and the recognition reads a few features at every position instead of their mean, so that z can say where "
+      "things are (docs/text.md, the copy task; default rotary)")
     a("--time-cond", action="store_true", help="condition the denoiser on t too (off, as MDLM: the optimal "
       "denoiser needs only x_t, and the samplers reuse its output while a sequence does not change)")
     a("--cache-dir", default=os.path.expanduser("~/.cache/vadd/text"), help="where downloads and tokens are kept")
@@ -417,9 +421,10 @@ def rotate(x, cos, sin):
 class Transformer(nn.Module):
     """Token embedding and a stack of adaLN-zero blocks: the trunk of both the denoiser and the recognition."""
 
-    def __init__(self, rows, width, layers, heads, cond_dim, dropout):
+    def __init__(self, rows, width, layers, heads, cond_dim, dropout, length=0):
         super().__init__()
         self.embed = nn.Embedding(rows, width)
+        self.position = nn.Embedding(length, width) if length else None  # --positions learned
         self.blocks = nn.ModuleList([Block(width, heads, cond_dim, dropout) for _ in range(layers)])
         half = width // heads // 2
         self.register_buffer("inv_freq", 10_000 ** (-torch.arange(half).float() / half), persistent=False)
@@ -429,6 +434,8 @@ class Transformer(nn.Module):
         angles = torch.cat([angles, angles], -1)
         cos, sin = angles.cos(), angles.sin()
         h = self.embed(tokens)
+        if self.position is not None:
+            h = h + self.position.weight[:tokens.shape[1]]
         for block in self.blocks:
             h = block(h, c, cos, sin)
         return h
@@ -456,7 +463,8 @@ class Denoiser(nn.Module):
     def __init__(self, V, cfg, latent_dim):
         super().__init__()
         self.vocab_size, c = V, cfg.cond_dim
-        self.transformer = Transformer(V + 1, cfg.width, cfg.layers, cfg.heads, c, cfg.dropout)
+        self.transformer = Transformer(V + 1, cfg.width, cfg.layers, cfg.heads, c, cfg.dropout,
+                                       cfg.block_size if cfg.positions == "learned" else 0)
         self.cond = nn.Parameter(torch.randn(c))
         self.time_embed = TimeEmbedding(c) if cfg.time_cond else None
         self.latent = nn.Sequential(nn.Linear(latent_dim, c), nn.SiLU(), nn.Linear(c, c)) if latent_dim else None
@@ -479,18 +487,22 @@ class Denoiser(nn.Module):
 class Recognition(nn.Module):
     """r_phi(z | x0, x_t) = N(mean, diag exp(logvar)): a transformer over the clean x0 whose adaLN at each
     position is driven by a learned vector times that position's mask indicator, so (x0, mask) carries what
-    (x0, x_t) does; mean-pooled. Its output starts at zero: r starts at the prior and the KL at 0."""
+    (x0, x_t) does; mean-pooled, or with --positions learned 8 features of every position side by side (a
+    mean keeps what the window holds but not where). Its output starts at zero: r starts at the prior, KL 0."""
 
     def __init__(self, V, cfg):
         super().__init__()
         self.transformer = Transformer(V, cfg.rec_width, cfg.rec_layers, cfg.rec_heads, cfg.cond_dim, cfg.dropout)
         self.mask_vector = nn.Parameter(torch.randn(cfg.cond_dim))
         self.norm = nn.LayerNorm(cfg.rec_width, bias=False)
-        self.head = zero_init(nn.Linear(cfg.rec_width, 2 * cfg.latent_dim))
+        self.readout = nn.Linear(cfg.rec_width, 8) if cfg.positions == "learned" else None  # 8 per position
+        pooled = cfg.block_size * 8 if self.readout else cfg.rec_width
+        self.head = zero_init(nn.Linear(pooled, 2 * cfg.latent_dim))
 
     def forward(self, x0, masked):
         c = F.silu(masked.unsqueeze(-1).float() * self.mask_vector)
-        h = self.norm(self.transformer(x0, c)).mean(1)
+        h = self.norm(self.transformer(x0, c))
+        h = self.readout(h).flatten(1) if self.readout is not None else h.mean(1)
         return self.head(h).float().chunk(2, -1)  # mean, logvar
 
 
@@ -793,7 +805,8 @@ def weight_settings(cfg, method):
     keys = ("data", "tokenizer", "vocab_size", "block_size", "layers", "width", "heads", "cond_dim", "time_cond",
             "schedule", "objective", "train_steps")
     keys += ("latent_dim", "rec_layers", "rec_width", "rec_heads") if method == "vadd" else ()
-    return {"method": method, "prior": prior, **{k: getattr(cfg, k) for k in keys}}
+    positions = "learned" if cfg.positions == "learned" else None  # None: as before the flag existed
+    return {"method": method, "prior": prior, "positions": positions, **{k: getattr(cfg, k) for k in keys}}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -523,6 +523,41 @@ def test_z_matters_once_trained_and_recognition_reads_x0_and_mask(tmp_path):
     assert (v0 - v1).abs().max() > 1e-4 and (v0 - v2).abs().max() > 1e-4
 
 
+def test_only_learned_positions_let_one_step_give_positions_different_tokens(tmp_path):
+    """At an all-[M] input a rotary-only DiT gives every position the same distribution, whatever its weights
+    and z (docs/text.md, the copy task); with --positions learned the positions differ. A fresh recognition's
+    blocks are the identity, so its features do not see positions: its mean is the same for the tokens of a
+    window in another order, while the features read side by side are not."""
+    torch.manual_seed(0)
+    xt, z = torch.full((2, 16), 11), torch.randn(2, 4)
+    x0 = torch.randint(0, 11, (1, 16))
+    x0 = torch.cat([x0, x0.roll(3, 1)])
+    spread, moved = {}, {}
+    for positions in ("rotary", "learned"):
+        model = vt.Model(small_cfg(tmp_path, "--positions", positions), "vadd", 11)
+        torch.nn.init.normal_(model.recognition.head.weight)
+        with torch.no_grad():
+            mean, _ = model.recognition(x0, torch.zeros(2, 16, dtype=torch.bool))
+            moved[positions] = (mean[0] - mean[1]).abs().max().item()
+            for p in model.parameters():  # weights that are not the zero start
+                torch.nn.init.normal_(p, std=0.3)
+            logits = model.denoise(xt, None, z)
+            spread[positions] = (logits - logits[:, :1]).abs().max().item()
+            assert (logits[0] - logits[1]).abs().max() > 1e-2  # z matters either way
+    assert spread["rotary"] < 1e-4 and spread["learned"] > 1e-1, spread
+    assert moved["rotary"] < 1e-4 and moved["learned"] > 1e-2, moved
+
+
+def test_learned_positions_end_to_end_and_a_checkpoint_keeps_them(tmp_path):
+    data = write_prepared(tmp_path / "ids", 13)
+    first = vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--positions", "learned"))
+    assert first["config"]["vadd"]["positions"] == "learned"
+    again = vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--positions", "learned", "--eval-only"))
+    assert again["likelihood"]["vadd"]["kl"] == first["likelihood"]["vadd"]["kl"]
+    with pytest.raises(SystemExit, match=r"was trained with --positions 'learned' \(now None\)"):
+        vt.main(tiny_args(tmp_path, data, "--method", "vadd", "--eval-only"))
+
+
 def test_samplers_count_calls_and_reuse_only_where_valid(tmp_path):
     """The spy sees every denoiser call. MDM and VADD-CS skip sequences whose input did not change (so at T much
     larger than L they make far fewer than T calls), VADD-CS keeps one z, vanilla brings a new z every call."""
