@@ -120,10 +120,8 @@ class Denoiser(nn.Module):
 
     def forward(self, xt, z=None):
         h = self.embed(xt + torch.tensor([0, self.bins + 1], device=xt.device)).flatten(1)
-        c = None
-        if self.latent is not None:
-            c = self.latent(z)
-            h = h + c
+        c = None if self.latent is None else self.latent(z)  # VADD: added to the input, and each block's adaLN
+        h = h if c is None else h + c
         for block in self.blocks:
             h = block(h, c)
         return self.out(h).view(-1, 2, self.bins)
