@@ -496,7 +496,7 @@ class Recognition(nn.Module):
         self.mask_vector = nn.Parameter(torch.randn(cfg.cond_dim))
         self.norm = nn.LayerNorm(cfg.rec_width, bias=False)
         self.readout = nn.Linear(cfg.rec_width, 8) if cfg.positions == "learned" else None  # 8 per position
-        pooled = cfg.block_size * 8 if self.readout else cfg.rec_width
+        pooled = cfg.block_size * self.readout.out_features if self.readout is not None else cfg.rec_width
         self.head = zero_init(nn.Linear(pooled, 2 * cfg.latent_dim))
 
     def forward(self, x0, masked):
